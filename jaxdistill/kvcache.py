@@ -1,0 +1,53 @@
+"""The KV cache: an explicit pytree of per-layer keys/values plus slot positions and segments.
+
+Shapes use model.py's legend: L layers, B batch, S cache slots, K kv heads, H head dim.
+A slot whose segment id is 0 is empty and never attended to; the model writes T new entries
+per row at `end_index` and advances it, so the sampler controls where each row continues.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  k: jax.Array  # [L, B, S, K, H]
+  v: jax.Array  # [L, B, S, K, H]
+  positions: jax.Array  # [B, S] int32: RoPE position of the token in each slot
+  segment_ids: jax.Array  # [B, S] int32: 0 = empty slot
+  end_index: jax.Array  # [B] int32: next slot to write in each row
+
+  @classmethod
+  def zeros(cls, num_layers: int, batch: int, length: int, num_kv_heads: int, head_dim: int,
+            dtype=jnp.float32) -> KVCache:
+    kv_shape = (num_layers, batch, length, num_kv_heads, head_dim)
+    return cls(
+        k=jnp.zeros(kv_shape, dtype),
+        v=jnp.zeros(kv_shape, dtype),
+        positions=jnp.zeros((batch, length), jnp.int32),
+        segment_ids=jnp.zeros((batch, length), jnp.int32),
+        end_index=jnp.zeros((batch,), jnp.int32),
+    )
+
+  @property
+  def length(self) -> int:
+    return self.k.shape[2]
+
+  def replace(self, **changes) -> KVCache:
+    return dataclasses.replace(self, **changes)
+
+
+def write_rows(buffer_BS_: jax.Array, new_BT_: jax.Array, index_B: jax.Array) -> jax.Array:
+  """Writes new_BT_[b] into buffer_BS_[b] at slot index_B[b] (along axis 1), row by row.
+
+  The caller guarantees index_B + T <= S: `dynamic_update_slice` would otherwise clamp the
+  start and overwrite earlier slots.
+  """
+  def one(buf, new, i):
+    return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), i, axis=0)
+  return jax.vmap(one)(buffer_BS_, new_BT_, index_B)

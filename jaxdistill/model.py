@@ -1,0 +1,331 @@
+"""Decoder-only transformer of the Llama 3 / Qwen2 family in Flax NNX.
+
+Shape legend, used in einsum strings and `_XYZ` suffixes throughout jaxdistill:
+  B batch, T sequence (new tokens), S attended length (T, or cache slots), D model,
+  N query heads, K kv heads, G query heads per kv head (N // K), H head dim,
+  F MLP hidden, V vocab, L layers.
+
+Inputs are `tokens_BT, positions_BT, segment_ids_BT` and an optional `KVCache`. A query
+attends to a key only when both carry the same non-zero segment id and the key's position is
+not after the query's, so packed rows (several examples in one row, positions restarting in
+each) never attend across examples, and padding (segment 0) is never attended to.
+
+Parameter names follow Hugging Face's (`layers/self_attn/q_proj/kernel`, ...) so conversion
+is a table (hf.py); layers are stacked on a leading L axis and run under `jax.lax.scan`, so
+compile time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxdistill.kvcache import KVCache, write_rows
+from jaxdistill.model_config import ModelConfig
+from jaxdistill.sharding import param_spec, shard
+
+_BATCH_SEQ = ("batch", "seq")
+
+
+# -- RoPE -------------------------------------------------------------------------------------
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  """Inverse frequencies [H/2] (float32), with linear or llama3 scaling applied."""
+  h = cfg.head_dim
+  inv_freq = 1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, h, 2, dtype=np.float32) / h))
+  rs = cfg.rope_scaling
+  if rs is None or rs.rope_type == "default":
+    return inv_freq.astype(np.float32)
+  if rs.rope_type == "linear":
+    return (inv_freq / rs.factor).astype(np.float32)
+  # llama3: long wavelengths are slowed by `factor`, short ones kept, and the band between
+  # the two cut-offs interpolated smoothly.
+  old = rs.original_max_position_embeddings
+  wavelen = 2 * math.pi / inv_freq
+  low_cut = old / rs.low_freq_factor
+  high_cut = old / rs.high_freq_factor
+  scaled = np.where(wavelen > low_cut, inv_freq / rs.factor, inv_freq)
+  smooth = (old / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+  medium = (wavelen >= high_cut) & (wavelen <= low_cut)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_sin_cos(positions_BT: jax.Array, inv_freq: np.ndarray):
+  angles_BTh = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+  return jnp.sin(angles_BTh), jnp.cos(angles_BTh)
+
+
+def apply_rope(x_BTNH: jax.Array, sin_BTh: jax.Array, cos_BTh: jax.Array) -> jax.Array:
+  """Rotates halves (Hugging Face's `rotate_half` layout), in float32."""
+  x = x_BTNH.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  sin, cos = sin_BTh[:, :, None, :], cos_BTh[:, :, None, :]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTNH.dtype)
+
+
+def attention_mask(q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS) -> jax.Array:
+  """[B, T, S] bool: same non-zero segment and key not after query."""
+  same = q_seg_BT[:, :, None] == k_seg_BS[:, None, :]
+  causal = k_pos_BS[:, None, :] <= q_pos_BT[:, :, None]
+  return same & causal & (k_seg_BS != 0)[:, None, :]
+
+
+# -- Layers -----------------------------------------------------------------------------------
+
+class Dense(nnx.Module):
+  """A linear map written as one einsum, with an optional bias on its output dimensions."""
+
+  def __init__(self, eqn: str, kernel_shape, bias_shape, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.eqn = eqn
+    init = nnx.initializers.normal(cfg.initializer_range)
+    self.kernel = nnx.Param(init(rngs.params(), kernel_shape, cfg.weight_dtype))
+    self.bias = nnx.Param(jnp.zeros(bias_shape, cfg.weight_dtype)) if bias_shape else None
+
+  def __call__(self, x):
+    y = jnp.einsum(self.eqn, x, self.kernel.value.astype(x.dtype))
+    if self.bias is not None:
+      y = y + self.bias.value.astype(x.dtype)
+    return y
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, cfg: ModelConfig):
+    self.eps = cfg.rms_eps
+    self.scale = nnx.Param(jnp.ones((dim,), cfg.weight_dtype))
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.scale.value.astype(x.dtype) * y.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    bias = cfg.qkv_bias
+    self.q_proj = Dense("BTD,DNH->BTNH", (d, n, h), (n, h) if bias else None, cfg, rngs=rngs)
+    self.k_proj = Dense("BTD,DKH->BTKH", (d, k, h), (k, h) if bias else None, cfg, rngs=rngs)
+    self.v_proj = Dense("BTD,DKH->BTKH", (d, k, h), (k, h) if bias else None, cfg, rngs=rngs)
+    self.o_proj = Dense("BTNH,NHD->BTD", (n, h, d), None, cfg, rngs=rngs)
+
+  def __call__(self, x_BTD, sin, cos, mask_BTS, k_BSKH=None, v_BSKH=None, end_index_B=None):
+    q_BTNH = shard(apply_rope(self.q_proj(x_BTD), sin, cos), _BATCH_SEQ + ("heads", None))
+    k_BTKH = apply_rope(self.k_proj(x_BTD), sin, cos)
+    v_BTKH = self.v_proj(x_BTD)
+    if k_BSKH is not None:  # decode / prefill into the cache
+      k_BSKH = write_rows(k_BSKH, k_BTKH, end_index_B)
+      v_BSKH = write_rows(v_BSKH, v_BTKH, end_index_B)
+      k_att, v_att = k_BSKH.astype(x_BTD.dtype), v_BSKH.astype(x_BTD.dtype)
+    else:
+      k_att, v_att = k_BTKH, v_BTKH
+    out_BTNH = dot_attention(q_BTNH, k_att, v_att, mask_BTS)
+    return self.o_proj(out_BTNH), k_BSKH, v_BSKH
+
+
+def dot_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
+  """Dense grouped-query attention with a boolean mask; softmax in float32."""
+  b, t, n, h = q_BTNH.shape
+  kv = k_BSKH.shape[2]
+  q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h)
+  s_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH,
+                       preferred_element_type=jnp.float32) * (h ** -0.5)
+  s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, jnp.finfo(jnp.float32).min)
+  p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1).astype(v_BSKH.dtype)
+  out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", p_BKGTS, v_BSKH)
+  return out_BTKGH.reshape(b, t, n, h)
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, f = cfg.d_model, cfg.mlp_dim
+    self.gate_proj = Dense("BTD,DF->BTF", (d, f), None, cfg, rngs=rngs)
+    self.up_proj = Dense("BTD,DF->BTF", (d, f), None, cfg, rngs=rngs)
+    self.down_proj = Dense("BTF,FD->BTD", (f, d), None, cfg, rngs=rngs)
+
+  def __call__(self, x_BTD):
+    h_BTF = jax.nn.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD)
+    return self.down_proj(shard(h_BTF, _BATCH_SEQ + ("mlp",)))
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.input_layernorm = RMSNorm(cfg.d_model, cfg)
+    self.self_attn = Attention(cfg, rngs=rngs)
+    self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x_BTD, sin, cos, mask_BTS, k_BSKH=None, v_BSKH=None, end_index_B=None):
+    attn, k_BSKH, v_BSKH = self.self_attn(self.input_layernorm(x_BTD), sin, cos, mask_BTS,
+                                          k_BSKH, v_BSKH, end_index_B)
+    x_BTD = x_BTD + attn
+    x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
+    return shard(x_BTD, _BATCH_SEQ + (None,)), k_BSKH, v_BSKH
+
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_saveable,
+    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nnx.Module):
+  """The full model. `__call__` is a pure function of its inputs and the parameters."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    init = nnx.initializers.normal(cfg.initializer_range)
+    self.embed_tokens = Embed(init(rngs.params(), (cfg.vocab_size, cfg.d_model),
+                                   cfg.weight_dtype))
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make_layers(rngs):
+      return Block(cfg, rngs=rngs)
+
+    self.layers = make_layers(rngs)
+    self.norm = RMSNorm(cfg.d_model, cfg)
+    if not cfg.tie_embeddings:
+      self.lm_head = Dense("BTD,DV->BTV", (cfg.d_model, cfg.vocab_size), None, cfg, rngs=rngs)
+
+  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None,
+               cache: KVCache | None = None, *, return_hidden: bool = False):
+    """Runs the model.
+
+    Args:
+      tokens_BT: int token ids.
+      positions_BT: RoPE positions (default 0..T-1 in every row).
+      segment_ids_BT: example ids for packed rows, 0 for padding (default all 1).
+      cache: optional KVCache; the T tokens are written at `cache.end_index` in each row and
+        attend to everything already in the row's cache.
+      return_hidden: return the final normalised hidden states [B, T, D] instead of logits,
+        so a loss can apply the output head in chunks (`unembed`).
+    Returns:
+      (logits_BTV or hidden_BTD, updated cache or None).
+    """
+    cfg = self.config
+    b, t = tokens_BT.shape
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if segment_ids_BT is None:
+      segment_ids_BT = jnp.ones((b, t), jnp.int32)
+    x_BTD = self.embed_tokens(tokens_BT).astype(cfg.dtype)
+    x_BTD = shard(x_BTD, _BATCH_SEQ + (None,))
+    sin, cos = rope_sin_cos(positions_BT, rope_inv_freq(cfg))
+
+    if cache is None:
+      mask_BTS = attention_mask(positions_BT, segment_ids_BT, positions_BT, segment_ids_BT)
+      kv = None
+    else:
+      k_pos = write_rows(cache.positions, positions_BT, cache.end_index)
+      k_seg = write_rows(cache.segment_ids, segment_ids_BT, cache.end_index)
+      mask_BTS = attention_mask(positions_BT, segment_ids_BT, k_pos, k_seg)
+      kv = (cache.k, cache.v)
+
+    graphdef, layer_state = nnx.split(self.layers)
+    end_index = None if cache is None else cache.end_index
+
+    def body(x, xs):
+      state, k_l, v_l = xs
+      layer = nnx.merge(graphdef, state)
+      x, k_l, v_l = layer(x, sin, cos, mask_BTS, k_l, v_l, end_index)
+      return x, (k_l, v_l)
+
+    if cfg.remat != "none":
+      body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)
+    xs = (layer_state,) + (kv if kv is not None else (None, None))
+    x_BTD, (k_new, v_new) = jax.lax.scan(body, x_BTD, xs)
+
+    if cache is not None:
+      cache = cache.replace(k=k_new, v=v_new, positions=k_pos, segment_ids=k_seg,
+                            end_index=cache.end_index + t)
+    hidden_BTD = self.norm(x_BTD)
+    if return_hidden:
+      return hidden_BTD, cache
+    return self.unembed(hidden_BTD), cache
+
+  def unembed(self, hidden_BTD: jax.Array) -> jax.Array:
+    """Output head: hidden [B, T, D] -> logits [B, T, V] in the compute dtype."""
+    if self.config.tie_embeddings:
+      w_VD = self.embed_tokens.embedding.value.astype(hidden_BTD.dtype)
+      logits = jnp.einsum("BTD,VD->BTV", hidden_BTD, w_VD)
+    else:
+      logits = self.lm_head(hidden_BTD)
+    return shard(logits, _BATCH_SEQ + ("vocab",))
+
+
+class Embed(nnx.Module):
+
+  def __init__(self, embedding_VD: jax.Array):
+    self.embedding = nnx.Param(embedding_VD)
+
+  def __call__(self, tokens_BT):
+    return jnp.take(self.embedding.value, tokens_BT, axis=0)
+
+
+# -- Building ---------------------------------------------------------------------------------
+
+def flat_params(module: nnx.Module) -> dict[str, jax.Array]:
+  """{"layers/self_attn/q_proj/kernel": array, ...}: the parameters under slash-joined paths."""
+  return {"/".join(map(str, path)): v.value
+          for path, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+
+def abstract_model(cfg: ModelConfig) -> Transformer:
+  """The model with ShapeDtypeStruct leaves; allocates nothing."""
+  return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+
+
+def set_flat_params(module: nnx.Module, flat: dict[str, jax.Array]) -> None:
+  """Replaces the module's parameters in place from a `flat_params`-style dict."""
+  state = nnx.state(module, nnx.Param)
+  expected = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(state)}
+  if set(flat) != expected:
+    raise KeyError(f"parameter set mismatch: missing {sorted(expected - set(flat))}, "
+                   f"unexpected {sorted(set(flat) - expected)}")
+  for path, var in nnx.to_flat_state(state):
+    var.value = flat["/".join(map(str, path))]
+  nnx.update(module, state)
+
+
+def keypath_str(keypath) -> str:
+  """Slash-joined parameter path of a pytree key path through an nnx.State."""
+  parts = []
+  for k in keypath:
+    if isinstance(k, jax.tree_util.DictKey):
+      parts.append(str(k.key))
+    elif isinstance(k, jax.tree_util.SequenceKey):
+      parts.append(str(k.idx))
+  return "/".join(parts)
+
+
+def state_shardings(abstract_state: nnx.State, mesh) -> nnx.State:
+  """NamedShardings in the structure of a parameter state, from sharding.PARAM_AXES."""
+  return jax.tree.map_with_path(
+      lambda kp, x: jax.sharding.NamedSharding(mesh, param_spec(keypath_str(kp), x.shape, mesh)),
+      abstract_state)
+
+
+def create_model(cfg: ModelConfig, mesh=None, seed: int = 0) -> Transformer:
+  """A randomly initialised model; with a mesh, each parameter is created already sharded
+  (one jitted init with out_shardings), never whole on one device."""
+  if mesh is None:
+    return Transformer(cfg, rngs=nnx.Rngs(seed))
+  graphdef, abstract_state = nnx.split(abstract_model(cfg))
+  shardings = state_shardings(abstract_state, mesh)
+
+  def init():
+    return nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed)))
+
+  state = jax.jit(init, out_shardings=shardings)()
+  return nnx.merge(graphdef, state)

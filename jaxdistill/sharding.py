@@ -1,0 +1,152 @@
+"""Device mesh, the parameter PartitionSpec table, and the one activation-sharding helper.
+
+Mesh axes are ("data", "fsdp", "tp"). Parameters and activations are described with
+logical axis names; `LOGICAL_RULES` maps each to mesh axes in one place:
+
+  batch    -> ("data", "fsdp")   the batch is split over every data-parallel axis
+  embed    -> "fsdp"             FSDP shards the model dimension of every weight
+  heads    -> "tp"               tensor parallelism splits attention heads,
+  kv_heads -> "tp"               kv heads (replicated when fewer than tp, as in GQA models),
+  mlp      -> "tp"               the MLP hidden dimension,
+  vocab    -> "tp"               and the vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tp")
+
+LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "embed": "fsdp",
+    "heads": "tp",
+    "kv_heads": "tp",
+    "mlp": "tp",
+    "vocab": "tp",
+    "layers": None,
+    "seq": None,
+}
+
+# Parameter path (slash-joined, as in model.py) -> logical axis of each dimension.
+# Stacked layer parameters carry a leading "layers" dimension.
+PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    (r"embed_tokens/embedding", ("vocab", "embed")),
+    (r"layers/self_attn/q_proj/kernel", ("layers", "embed", "heads", None)),
+    (r"layers/self_attn/[kv]_proj/kernel", ("layers", "embed", "kv_heads", None)),
+    (r"layers/self_attn/q_proj/bias", ("layers", "heads", None)),
+    (r"layers/self_attn/[kv]_proj/bias", ("layers", "kv_heads", None)),
+    (r"layers/self_attn/o_proj/kernel", ("layers", "heads", None, "embed")),
+    (r"layers/mlp/(gate|up)_proj/kernel", ("layers", "embed", "mlp")),
+    (r"layers/mlp/down_proj/kernel", ("layers", "mlp", "embed")),
+    (r"layers/(input|post_attention)_layernorm/scale", ("layers", None)),
+    (r"norm/scale", (None,)),
+    (r"lm_head/kernel", ("embed", "vocab")),
+)
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ("data", "fsdp", "tp") mesh; one entry may be -1, meaning "all remaining devices"."""
+  devices = list(devices if devices is not None else jax.devices())
+  shape = list(shape)
+  if len(shape) != len(MESH_AXES):
+    raise ValueError(f"mesh shape {shape} must have {len(MESH_AXES)} entries {MESH_AXES}")
+  if shape.count(-1) > 1:
+    raise ValueError(f"mesh shape {shape}: at most one axis may be -1")
+  if -1 in shape:
+    known = math.prod(s for s in shape if s != -1)
+    if len(devices) % known:
+      raise ValueError(f"mesh shape {shape}: {len(devices)} devices are not divisible by {known}")
+    shape[shape.index(-1)] = len(devices) // known
+  if math.prod(shape) != len(devices):
+    raise ValueError(
+        f"mesh shape {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices but "
+        f"{len(devices)} are available; change the mesh so its product is {len(devices)} "
+        "(or set one axis to -1).")
+  return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def logical_to_spec(axes: Sequence[str | None]) -> P:
+  return P(*(LOGICAL_RULES[a] if a is not None else None for a in axes))
+
+
+def _axis_size(mesh, entry) -> int:
+  if entry is None:
+    return 1
+  names = (entry,) if isinstance(entry, str) else entry
+  return math.prod(mesh.shape[n] for n in names)
+
+
+def param_logical_axes(path: str) -> tuple[str | None, ...]:
+  for pattern, axes in PARAM_AXES:
+    if re.fullmatch(pattern, path):
+      return axes
+  raise KeyError(f"parameter {path!r} has no entry in sharding.PARAM_AXES")
+
+
+def param_spec(path: str, shape: Sequence[int], mesh: Mesh) -> P:
+  """The PartitionSpec of one parameter on `mesh`, checked for divisibility.
+
+  kv heads fewer than (or not divisible by) the tp size are replicated across tp, the usual
+  treatment of GQA models whose kv heads are fewer than the tensor-parallel degree. Any other
+  dimension that does not divide is an error naming the parameter.
+  """
+  axes = param_logical_axes(path)
+  if len(axes) != len(shape):
+    raise ValueError(f"parameter {path!r} has shape {tuple(shape)}, table expects rank "
+                     f"{len(axes)}")
+  entries = []
+  for axis, dim in zip(axes, shape):
+    entry = LOGICAL_RULES[axis] if axis is not None else None
+    size = _axis_size(mesh, entry)
+    if dim % size:
+      if axis == "kv_heads":
+        entry = None
+      else:
+        raise ValueError(
+            f"parameter {path!r} dimension {axis}={dim} is not divisible by mesh axes "
+            f"{entry} of size {size}; choose a mesh whose {entry} size divides {dim}.")
+    entries.append(entry)
+  return P(*entries)
+
+
+def param_shardings(flat_shapes: dict[str, Sequence[int]], mesh: Mesh) -> dict[str, NamedSharding]:
+  """NamedShardings for a flat {path: shape} dict of parameters."""
+  return {path: NamedSharding(mesh, param_spec(path, shape, mesh))
+          for path, shape in flat_shapes.items()}
+
+
+def shard(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+  """Constrains an activation's sharding on the ambient mesh (`jax.set_mesh`).
+
+  Without an ambient mesh the computation is unsharded and there is nothing to constrain, so
+  `x` is returned as is. With one, a dimension that the mesh does not divide is an error
+  rather than a silently dropped constraint.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  if len(logical_axes) != x.ndim:
+    raise ValueError(f"shard(): {len(logical_axes)} axes given for an array of rank {x.ndim}")
+  spec = logical_to_spec(logical_axes)
+  for dim, entry, axis in zip(x.shape, spec, logical_axes):
+    size = _axis_size(mesh, entry)
+    if dim % size:
+      raise ValueError(f"activation dimension {axis}={dim} is not divisible by mesh axes "
+                       f"{entry} of size {size} (shape {x.shape}); change the batch size or mesh.")
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """Sharding of a [B, ...] input batch: B over ("data", "fsdp"), the rest replicated."""
+  return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1)))
+
+
+def describe(mesh: Mesh) -> str:
+  return ", ".join(f"{k}={v}" for k, v in mesh.shape.items()) + f" ({mesh.devices.size} devices)"

@@ -1,0 +1,42 @@
+"""Tiny random Hugging Face models built offline with a fixed seed."""
+
+import torch
+import transformers
+
+
+def tiny_hf_config(kind: str, **overrides):
+  common = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
+                bos_token_id=1, eos_token_id=2)
+  if kind == "llama":
+    # llama3 rope scaling with a short original context, so the scaled bands are exercised.
+    cfg = transformers.LlamaConfig(
+        **common, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+  elif kind == "qwen2":
+    cfg = transformers.Qwen2Config(**common, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                                   rope_theta=1e6, use_sliding_window=False)
+  else:
+    raise ValueError(kind)
+  for k, v in overrides.items():
+    setattr(cfg, k, v)
+  return cfg
+
+
+def tiny_hf_model(kind: str, seed: int = 0, dtype=torch.float32, **overrides):
+  torch.manual_seed(seed)
+  cfg = tiny_hf_config(kind, **overrides)
+  model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+  with torch.no_grad():  # HF zero-initialises biases; make them non-trivial
+    for name, p in model.named_parameters():
+      if name.endswith("bias") or "norm" in name:
+        p.add_(0.1 * torch.randn_like(p))
+  return model.to(dtype).eval()
+
+
+def save_tiny_model(directory, kind: str, dtype=torch.float32, **overrides) -> str:
+  model = tiny_hf_model(kind, dtype=dtype, **overrides)
+  model.save_pretrained(directory)
+  return str(directory)
