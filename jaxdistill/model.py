@@ -88,9 +88,9 @@ class Dense(nnx.Module):
     self.bias = nnx.Param(jnp.zeros(bias_shape, cfg.weight_dtype)) if bias_shape else None
 
   def __call__(self, x):
-    y = jnp.einsum(self.eqn, x, self.kernel.value.astype(x.dtype))
+    y = jnp.einsum(self.eqn, x, self.kernel[...].astype(x.dtype))
     if self.bias is not None:
-      y = y + self.bias.value.astype(x.dtype)
+      y = y + self.bias[...].astype(x.dtype)
     return y
 
 
@@ -103,7 +103,7 @@ class RMSNorm(nnx.Module):
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return self.scale.value.astype(x.dtype) * y.astype(x.dtype)
+    return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
 
 
 class Attention(nnx.Module):
@@ -257,7 +257,7 @@ class Transformer(nnx.Module):
   def unembed(self, hidden_BTD: jax.Array) -> jax.Array:
     """Output head: hidden [B, T, D] -> logits [B, T, V] in the compute dtype."""
     if self.config.tie_embeddings:
-      w_VD = self.embed_tokens.embedding.value.astype(hidden_BTD.dtype)
+      w_VD = self.embed_tokens.embedding[...].astype(hidden_BTD.dtype)
       logits = jnp.einsum("BTD,VD->BTV", hidden_BTD, w_VD)
     else:
       logits = self.lm_head(hidden_BTD)
@@ -270,32 +270,20 @@ class Embed(nnx.Module):
     self.embedding = nnx.Param(embedding_VD)
 
   def __call__(self, tokens_BT):
-    return jnp.take(self.embedding.value, tokens_BT, axis=0)
+    return jnp.take(self.embedding[...], tokens_BT, axis=0)
 
 
 # -- Building ---------------------------------------------------------------------------------
 
 def flat_params(module: nnx.Module) -> dict[str, jax.Array]:
   """{"layers/self_attn/q_proj/kernel": array, ...}: the parameters under slash-joined paths."""
-  return {"/".join(map(str, path)): v.value
+  return {"/".join(map(str, path)): v.get_value()
           for path, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
 
 
 def abstract_model(cfg: ModelConfig) -> Transformer:
   """The model with ShapeDtypeStruct leaves; allocates nothing."""
   return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-
-
-def set_flat_params(module: nnx.Module, flat: dict[str, jax.Array]) -> None:
-  """Replaces the module's parameters in place from a `flat_params`-style dict."""
-  state = nnx.state(module, nnx.Param)
-  expected = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(state)}
-  if set(flat) != expected:
-    raise KeyError(f"parameter set mismatch: missing {sorted(expected - set(flat))}, "
-                   f"unexpected {sorted(set(flat) - expected)}")
-  for path, var in nnx.to_flat_state(state):
-    var.value = flat["/".join(map(str, path))]
-  nnx.update(module, state)
 
 
 def keypath_str(keypath) -> str:
@@ -317,12 +305,11 @@ def state_shardings(abstract_state: nnx.State, mesh) -> nnx.State:
 
 
 def create_model(cfg: ModelConfig, mesh=None, seed: int = 0) -> Transformer:
-  """A randomly initialised model; with a mesh, each parameter is created already sharded
-  (one jitted init with out_shardings), never whole on one device."""
-  if mesh is None:
-    return Transformer(cfg, rngs=nnx.Rngs(seed))
+  """A randomly initialised model from one jitted init. With a mesh each parameter is created
+  already sharded (`out_shardings`), never whole on one device; the values do not depend on
+  the mesh."""
   graphdef, abstract_state = nnx.split(abstract_model(cfg))
-  shardings = state_shardings(abstract_state, mesh)
+  shardings = None if mesh is None else state_shardings(abstract_state, mesh)
 
   def init():
     return nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed)))

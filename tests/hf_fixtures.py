@@ -40,3 +40,25 @@ def save_tiny_model(directory, kind: str, dtype=torch.float32, **overrides) -> s
   model = tiny_hf_model(kind, dtype=dtype, **overrides)
   model.save_pretrained(directory)
   return str(directory)
+
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def save_tiny_chatml_tokenizer(directory) -> str:
+  """A word-level tokenizer with Qwen's special tokens and a ChatML template."""
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+  words = ["system", "user", "assistant", "the", "answer", "is", "2", "+", "=", "4", "<unk>"]
+  vocab = {t: i for i, t in enumerate(specials + words)}
+  tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  fast = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+      additional_special_tokens=specials[1:])
+  fast.chat_template = CHATML_TEMPLATE
+  fast.save_pretrained(directory)
+  return str(directory)

@@ -1,0 +1,92 @@
+"""Orbax checkpoints of a model: layout, saving, locating the latest, restoring onto a mesh.
+
+Layout (shared with the trainer, which adds its own items beside these):
+  <root>/<step>/params        the parameter tree (nnx pure dict), restorable on any mesh
+  <root>/<step>/model_config  ModelConfig as JSON
+A training workdir keeps its root at `<workdir>/checkpoints`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from jaxdistill.model import Transformer, abstract_model, state_shardings
+from jaxdistill.model_config import ModelConfig
+
+PARAMS = "params"
+MODEL_CONFIG = "model_config"
+
+
+def checkpoint_root(path: str) -> str:
+  """The CheckpointManager root for a workdir, a root, or a step directory."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    return os.path.join(path, "checkpoints")
+  if os.path.isdir(os.path.join(path, PARAMS)):  # a step directory
+    return os.path.dirname(path)
+  return path
+
+
+def _step_of(path: str) -> int | None:
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, PARAMS)):
+    try:
+      return int(os.path.basename(path))
+    except ValueError:
+      return None
+  return None
+
+
+def save_model(directory: str, model: Transformer, step: int = 0) -> str:
+  """Saves parameters and config as checkpoint `step` under `directory` (a root)."""
+  with ocp.CheckpointManager(os.path.abspath(directory)) as mngr:
+    mngr.save(step, args=ocp.args.Composite(**{
+        PARAMS: ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(model, nnx.Param))),
+        MODEL_CONFIG: ocp.args.JsonSave(model.config.to_dict()),
+    }))
+    mngr.wait_until_finished()
+  return os.path.join(os.path.abspath(directory), str(step))
+
+
+def load_model(path: str, mesh=None, step: int | None = None, **config_overrides) -> Transformer:
+  """Restores a model from a workdir, checkpoint root or step directory.
+
+  Args:
+    path: workdir (uses `checkpoints/`), checkpoint root, or one step's directory.
+    mesh: restore sharded onto this mesh (any shape: Orbax reshards); None = first device.
+    step: which step (default: the one `path` names, else the latest).
+    **config_overrides: ModelConfig fields to change, e.g. `param_dtype="bfloat16"`.
+  """
+  root = checkpoint_root(path)
+  step = step if step is not None else _step_of(path)
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f"no checkpoint directory at {root}")
+  with ocp.CheckpointManager(root) as mngr:
+    steps = sorted(mngr.all_steps())
+    if not steps:
+      raise FileNotFoundError(f"no checkpoints under {root}")
+    if step is None:
+      step = steps[-1]
+    elif step not in steps:
+      raise FileNotFoundError(f"no step {step} under {root}; available: {steps}")
+    logging.info("restoring step %d from %s", step, root)
+    cfg_dict = mngr.restore(step, args=ocp.args.Composite(
+        **{MODEL_CONFIG: ocp.args.JsonRestore()}))[MODEL_CONFIG]
+    cfg = ModelConfig.from_dict(cfg_dict).replace(**config_overrides)
+    graphdef, abstract_state = nnx.split(abstract_model(cfg))
+    if mesh is None:
+      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      shardings = jax.tree.map(lambda _: device, abstract_state)
+    else:
+      shardings = state_shardings(abstract_state, mesh)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract_state, shardings)
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        **{PARAMS: ocp.args.StandardRestore(nnx.to_pure_dict(target))}))[PARAMS]
+  nnx.replace_by_pure_dict(abstract_state, restored)
+  return nnx.merge(graphdef, abstract_state)

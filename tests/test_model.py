@@ -1,0 +1,134 @@
+"""The model computes what transformers computes, packs without leaking, and caches exactly."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+from jaxdistill import hf, model as model_lib
+from jaxdistill.kvcache import KVCache
+from jaxdistill.model_config import ModelConfig
+from tests import hf_fixtures
+
+
+def _tokens(shape, seed=0, vocab=320):
+  return np.random.RandomState(seed).randint(0, vocab, shape)
+
+
+def _hf_logits(model, tokens, **kw):
+  with torch.no_grad():
+    return model(torch.tensor(tokens), **kw).logits.float().numpy()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_logits_match_transformers_fp32(kind, request):
+  hf_dir = request.getfixturevalue(f"tiny_{kind}_dir")
+  ref = hf_fixtures.tiny_hf_model(kind)
+  model = hf.load_hf_model(hf_dir)
+  assert model.config.tie_embeddings == (kind == "qwen2")
+  assert model.config.qkv_bias == (kind == "qwen2")
+  assert model.config.num_kv_heads < model.config.num_heads  # GQA exercised
+  tokens = _tokens((2, 96))  # > original_max_position_embeddings=64: llama3 bands matter
+  got, _ = model(jnp.asarray(tokens))
+  np.testing.assert_allclose(np.asarray(got), _hf_logits(ref, tokens), atol=1e-4, rtol=0)
+
+
+def test_llama3_rope_scaling_is_applied(tiny_llama_dir):
+  """Guards the parity test: without the llama3 scaling the logits must differ."""
+  cfg = ModelConfig.from_hf_config(tiny_llama_dir)
+  assert cfg.rope_scaling is not None and cfg.rope_scaling.rope_type == "llama3"
+  plain = model_lib.rope_inv_freq(cfg.replace(rope_scaling=None))
+  scaled = model_lib.rope_inv_freq(cfg)
+  assert not np.allclose(plain, scaled)
+  assert np.isclose(plain[0], scaled[0])  # the highest frequency is untouched
+
+
+def test_bf16_checkpoint_imports_and_matches(tmp_path):
+  ref = hf_fixtures.tiny_hf_model("qwen2", dtype=torch.bfloat16)
+  ref.save_pretrained(tmp_path)
+  model = hf.load_hf_model(str(tmp_path), param_dtype="bfloat16", compute_dtype="bfloat16")
+  # The weights arrive bit for bit, read without torch.
+  reader = hf.SafetensorsReader(str(tmp_path))
+  emb = reader.get("model.embed_tokens.weight")
+  assert emb.dtype == ml_dtypes.bfloat16
+  assert np.array_equal(np.asarray(model.embed_tokens.embedding[...]).view(np.uint16),
+                        np.asarray(emb).view(np.uint16))
+  tokens = _tokens((2, 48), seed=1)
+  got, _ = model(jnp.asarray(tokens))
+  assert got.dtype == jnp.bfloat16
+  want = _hf_logits(ref, tokens)
+  scale = np.abs(want).max()
+  np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.04 * scale, rtol=0)
+  # and fp32 compute on the same bf16 weights is much closer to the fp32 reference
+  model32 = hf.load_hf_model(str(tmp_path))
+  ref32 = ref.float()
+  got32, _ = model32(jnp.asarray(tokens))
+  np.testing.assert_allclose(np.asarray(got32), _hf_logits(ref32, tokens), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_packed_segments_equal_separate_sequences(kind, request):
+  model = hf.load_hf_model(request.getfixturevalue(f"tiny_{kind}_dir"))
+  a, b = _tokens((1, 23), seed=2), _tokens((1, 17), seed=3)
+  packed = np.concatenate([a, b, np.zeros((1, 8), int)], axis=1)  # 8 tokens of padding
+  positions = np.concatenate([np.arange(23), np.arange(17), np.zeros(8, int)])[None]
+  segments = np.concatenate([np.full(23, 1), np.full(17, 2), np.zeros(8, int)])[None]
+  got, _ = model(jnp.asarray(packed), jnp.asarray(positions), jnp.asarray(segments))
+  alone_a, _ = model(jnp.asarray(a))
+  alone_b, _ = model(jnp.asarray(b))
+  np.testing.assert_allclose(np.asarray(got[0, :23]), np.asarray(alone_a[0]), atol=2e-5)
+  np.testing.assert_allclose(np.asarray(got[0, 23:40]), np.asarray(alone_b[0]), atol=2e-5)
+  # Changing the first example never changes the second one's logits.
+  packed2 = packed.copy()
+  packed2[0, :23] = _tokens((23,), seed=9)
+  got2, _ = model(jnp.asarray(packed2), jnp.asarray(positions), jnp.asarray(segments))
+  np.testing.assert_array_equal(np.asarray(got2[0, 23:40]), np.asarray(got[0, 23:40]))
+
+
+def test_kv_cache_prefill_then_decode_equals_full_forward(tiny_llama_dir):
+  model = hf.load_hf_model(tiny_llama_dir)
+  cfg = model.config
+  tokens = _tokens((2, 20), seed=4)
+  full, _ = model(jnp.asarray(tokens))
+  cache = KVCache.zeros(cfg.num_layers, 2, 32, cfg.num_kv_heads, cfg.head_dim)
+  pos = np.broadcast_to(np.arange(20), (2, 20))
+  seg = np.ones((2, 20), int)
+  logits, cache = model(jnp.asarray(tokens[:, :12]), jnp.asarray(pos[:, :12]),
+                        jnp.asarray(seg[:, :12]), cache)
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(full[:, :12]), atol=1e-5)
+  for t in range(12, 20):
+    step, cache = model(jnp.asarray(tokens[:, t:t + 1]), jnp.asarray(pos[:, t:t + 1]),
+                        jnp.asarray(seg[:, t:t + 1]), cache)
+    np.testing.assert_allclose(np.asarray(step[:, 0]), np.asarray(full[:, t]), atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(cache.end_index), [20, 20])
+
+
+@pytest.mark.parametrize("remat", ["full", "save_dots"])
+def test_remat_policies_keep_values_and_gradients(remat):
+  cfg = ModelConfig(num_layers=3)
+  from flax import nnx
+  model = model_lib.create_model(cfg, seed=1)
+  graphdef, state = nnx.split(model)
+  remat_graphdef, _ = nnx.split(model_lib.create_model(cfg.replace(remat=remat), seed=1))
+  tokens = jnp.asarray(_tokens((2, 16), vocab=cfg.vocab_size))
+
+  def loss(state, gd):
+    logits, _ = nnx.merge(gd, state)(tokens)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+  v0, g0 = jax.value_and_grad(loss)(state, graphdef)
+  v1, g1 = jax.value_and_grad(loss)(state, remat_graphdef)
+  np.testing.assert_allclose(v0, v1, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_hidden_and_unembed_compose_to_logits(tiny_qwen2_dir):
+  model = hf.load_hf_model(tiny_qwen2_dir)
+  tokens = jnp.asarray(_tokens((2, 10)))
+  logits, _ = model(tokens)
+  hidden, _ = model(tokens, return_hidden=True)
+  assert hidden.shape == (2, 10, model.config.d_model)
+  np.testing.assert_allclose(np.asarray(model.unembed(hidden)), np.asarray(logits), atol=1e-6)

@@ -1,0 +1,138 @@
+"""Sharded equals unsharded on simulated meshes, and parameters are sharded as the table says."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxdistill import checkpoint, hf, model as model_lib, sharding
+from jaxdistill.model_config import ModelConfig
+
+MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
+
+
+def _forward(model, mesh, tokens, positions, segments):
+  graphdef, state = nnx.split(model)
+  data = sharding.batch_sharding(mesh)
+  args = [jax.device_put(jnp.asarray(x), data) for x in (tokens, positions, segments)]
+
+  @jax.jit
+  def fwd(state, *args):
+    return nnx.merge(graphdef, state)(*args)[0]
+
+  with jax.set_mesh(mesh):
+    return np.asarray(fwd(state, *args))
+
+
+def _packed_batch(batch=8, length=32, vocab=320, seed=0):
+  rng = np.random.RandomState(seed)
+  tokens = rng.randint(0, vocab, (batch, length))
+  split = rng.randint(4, length - 4, batch)
+  idx = np.arange(length)[None]
+  segments = np.where(idx < split[:, None], 1, 2)
+  positions = np.where(idx < split[:, None], idx, idx - split[:, None])
+  return tokens, positions, segments
+
+
+@pytest.mark.parametrize("mesh_shape", MESHES)
+def test_sharded_forward_equals_unsharded(mesh_shape, tiny_qwen2_dir):
+  assert jax.device_count() == 8
+  batch = _packed_batch()
+  reference, _ = hf.load_hf_model(tiny_qwen2_dir)(*map(jnp.asarray, batch))
+  mesh = sharding.make_mesh(mesh_shape)
+  model = hf.load_hf_model(tiny_qwen2_dir, mesh)
+  got = _forward(model, mesh, *batch)
+  np.testing.assert_allclose(got, np.asarray(reference), atol=2e-5, rtol=0)
+  _assert_sharded_as_table(model, mesh)
+
+
+def _assert_sharded_as_table(model, mesh):
+  params = model_lib.flat_params(model)
+  for path, x in params.items():
+    want = sharding.param_spec(path, x.shape, mesh)
+    assert x.sharding.spec == want, path
+    shard_shape = x.sharding.shard_shape(x.shape)
+    for dim, full, entry in zip(shard_shape, x.shape, tuple(want) + (None,) * x.ndim):
+      names = () if entry is None else ((entry,) if isinstance(entry, str) else entry)
+      assert dim * int(np.prod([mesh.shape[n] for n in names])) == full, (path, entry)
+  fsdp, tp = mesh.shape["fsdp"], mesh.shape["tp"]
+  q = params["layers/self_attn/q_proj/kernel"]  # [L, D, N, H]
+  assert q.sharding.shard_shape(q.shape)[1:3] == (q.shape[1] // fsdp, q.shape[2] // tp)
+  if tp > 1:
+    up = params["layers/mlp/up_proj/kernel"]
+    assert up.addressable_shards[0].data.shape[-1] == up.shape[-1] // tp
+
+
+def test_sharded_init_and_training_gradients_match(tiny_llama_dir):
+  """Random sharded init equals unsharded init with the same seed, gradients too."""
+  cfg = ModelConfig.from_hf_config(tiny_llama_dir)
+  mesh = sharding.make_mesh((2, 2, 2))
+  sharded = model_lib.create_model(cfg, mesh, seed=3)
+  plain = model_lib.create_model(cfg, seed=3)
+  for (p, a), (_, b) in zip(model_lib.flat_params(sharded).items(),
+                            model_lib.flat_params(plain).items()):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=p)
+  tokens, positions, segments = _packed_batch(seed=5)
+
+  def grads(model, mesh=None):
+    graphdef, state = nnx.split(model)
+
+    def loss(state):
+      logits, _ = nnx.merge(graphdef, state)(tokens, positions, segments)
+      return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], -1))
+
+    fn = jax.jit(jax.grad(loss))
+    if mesh is None:
+      return fn(state)
+    with jax.set_mesh(mesh):
+      return fn(state)
+
+  for a, b in zip(jax.tree.leaves(grads(sharded, mesh)), jax.tree.leaves(grads(plain))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_sharded_init_never_materialises_whole_parameters():
+  cfg = ModelConfig(vocab_size=512, d_model=64, num_heads=8, num_kv_heads=8, head_dim=8,
+                    mlp_dim=256, num_layers=2)
+  mesh = sharding.make_mesh((1, 4, 2))
+  model = model_lib.create_model(cfg, mesh)
+  up = model.layers.mlp.up_proj.kernel[...]
+  assert all(s.data.shape == (2, 16, 128) for s in up.addressable_shards)
+  assert len({s.device for s in up.addressable_shards}) == 8
+
+
+def test_restore_onto_a_different_mesh(tiny_llama_dir, tmp_path):
+  model = hf.load_hf_model(tiny_llama_dir, sharding.make_mesh((1, 8, 1)))
+  checkpoint.save_model(str(tmp_path / "ckpt"), model)
+  mesh = sharding.make_mesh((2, 2, 2))
+  restored = checkpoint.load_model(str(tmp_path / "ckpt"), mesh)
+  _assert_sharded_as_table(restored, mesh)
+  for (p, a), (_, b) in zip(model_lib.flat_params(restored).items(),
+                            model_lib.flat_params(model).items()):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=p)
+
+
+def test_kv_heads_fewer_than_tp_are_replicated():
+  mesh = sharding.make_mesh((1, 1, 8))
+  spec = sharding.param_spec("layers/self_attn/k_proj/kernel", (2, 64, 2, 16), mesh)
+  assert spec == jax.sharding.PartitionSpec(None, "fsdp", None, None)
+  with pytest.raises(ValueError, match="q_proj/kernel.*heads=4 is not divisible"):
+    sharding.param_spec("layers/self_attn/q_proj/kernel", (2, 64, 4, 16), mesh)
+
+
+def test_mesh_errors_say_what_to_change():
+  assert sharding.make_mesh((2, -1, 2)).shape == {"data": 2, "fsdp": 2, "tp": 2}
+  with pytest.raises(ValueError, match="needs 12 devices but 8 are available"):
+    sharding.make_mesh((3, 2, 2))
+  with pytest.raises(ValueError, match="at most one axis may be -1"):
+    sharding.make_mesh((-1, -1, 2))
+  with pytest.raises(ValueError, match="not divisible by 3"):
+    sharding.make_mesh((3, -1, 1))
+
+
+def test_activation_constraint_rejects_indivisible_batch():
+  mesh = sharding.make_mesh((8, 1, 1))
+  with jax.set_mesh(mesh):
+    with pytest.raises(ValueError, match="batch=3 is not divisible"):
+      jax.jit(lambda x: sharding.shard(x, ("batch", None)))(jnp.zeros((3, 4)))
