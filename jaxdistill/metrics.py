@@ -1,0 +1,48 @@
+"""Model FLOPs and device peaks: the arithmetic behind tokens/s and MFU figures."""
+
+from __future__ import annotations
+
+import jax
+
+from jaxdistill.model_config import ModelConfig
+
+# Dense bf16 peak FLOP/s per device (vendor figures, without sparsity). Matched against
+# `device_kind` by substring, first match wins.
+DEVICE_PEAK_FLOPS = (
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("TPU v6", 918e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5e", 197e12),
+    ("TPU v4", 275e12),
+)
+
+
+def device_peak_flops(device: jax.Device | None = None) -> float | None:
+  """Peak bf16 FLOP/s of `device` (default: the first), or None when unknown (e.g. CPU)."""
+  kind = (device or jax.devices()[0]).device_kind
+  for name, peak in DEVICE_PEAK_FLOPS:
+    if name.lower() in kind.lower():
+      return peak
+  return None
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Matmul FLOPs of one token's forward pass in a causal sequence of `seq_len` tokens.
+
+  Counts every weight matmul (the output head included, the embedding gather excluded) and
+  the two attention matmuls over the causal half of the sequence on average.
+  """
+  d, h = cfg.d_model, cfg.head_dim
+  weights = cfg.num_layers * (d * h * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+                              + 3 * d * cfg.mlp_dim) + d * cfg.vocab_size
+  attention = cfg.num_layers * 2 * cfg.num_heads * h * seq_len  # QK^T and PV, causal half
+  return 2.0 * weights + attention
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Forward plus backward (twice the forward): the usual 6N-style training count."""
+  return 3.0 * forward_flops_per_token(cfg, seq_len)

@@ -1,0 +1,112 @@
+"""Forward throughput of jaxdistill's model against transformers (PyTorch) on the same weights.
+
+  python tools/bench_model.py                      # the bench model on this machine
+  python tools/bench_model.py --preset=llama3_2_1b --seq=2048 --dtype=bfloat16   # on a GPU
+
+Both run in this process on the same random weights (checked to agree), and the ratio
+jaxdistill/transformers of tokens/s is printed. On a GPU or TPU the figure is also given as
+model FLOP utilisation against the device's bf16 peak.
+"""
+
+import os
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from jaxdistill import hf, metrics  # noqa: E402
+from jaxdistill.model_config import ModelConfig, get_preset  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("preset", "bench", "'bench' (d=256, 4 layers, 8/4 heads, MLP 768, vocab "
+                    "8192) or a preset name from model_config.PRESETS.")
+flags.DEFINE_integer("batch", 8, "Sequences per forward.")
+flags.DEFINE_integer("seq", 256, "Tokens per sequence.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype.")
+flags.DEFINE_integer("iters", 20, "Timed forwards per framework (after warm-up).")
+flags.DEFINE_bool("vs_hf", True, "Also time transformers PyTorch on the same weights.")
+
+BENCH = ModelConfig(model_type="llama", vocab_size=8192, d_model=256, num_layers=4,
+                    num_heads=8, num_kv_heads=4, head_dim=32, mlp_dim=768, rms_eps=1e-5,
+                    rope_theta=10000.0, max_position_embeddings=4096, bos_token_id=1,
+                    eos_token_id=2)
+
+
+def _time(fn, iters):
+  fn()  # warm-up / compile
+  fn()
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def main(argv):
+  del argv
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  cfg = BENCH if FLAGS.preset == "bench" else get_preset(FLAGS.preset)
+  torch_device = "cuda" if torch.cuda.is_available() else "cpu"
+  torch_dtype = torch.bfloat16 if FLAGS.dtype == "bfloat16" else torch.float32
+  torch.manual_seed(0)
+  hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf_config())
+  with tempfile.TemporaryDirectory() as tmp:
+    ref = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch_dtype)
+    ref.save_pretrained(tmp)
+    model = hf.load_hf_model(tmp, param_dtype=FLAGS.dtype, compute_dtype=FLAGS.dtype)
+  ref = ref.to(torch_device).eval()
+  graphdef, state = nnx.split(model)
+  tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (FLAGS.batch, FLAGS.seq))
+
+  @jax.jit
+  def forward(state, tokens):
+    return nnx.merge(graphdef, state)(tokens)[0]
+
+  jtokens = jnp.asarray(tokens)
+  jax_s = _time(lambda: forward(state, jtokens).block_until_ready(), FLAGS.iters)
+  n_tokens = FLAGS.batch * FLAGS.seq
+  flops = metrics.forward_flops_per_token(cfg, FLAGS.seq) * n_tokens
+  device = jax.devices()[0]
+  print(f"model: {FLAGS.preset} ({cfg.num_params() / 1e6:.1f}M params), batch {FLAGS.batch} x "
+        f"seq {FLAGS.seq}, {FLAGS.dtype}")
+  print(f"jax device: {device.device_kind} x{jax.device_count()}; torch device: {torch_device} "
+        f"({torch.get_num_threads()} threads)")
+  line = (f"jaxdistill   {jax_s * 1e3:9.2f} ms/forward  {n_tokens / jax_s:12,.0f} tokens/s  "
+          f"{flops / jax_s / 1e9:9.1f} GFLOP/s")
+  peak = metrics.device_peak_flops(device)
+  if peak:
+    line += f"  MFU {flops / jax_s / peak:.1%}"
+  print(line)
+  if not FLAGS.vs_hf:
+    return
+  ttokens = torch.tensor(tokens, device=torch_device)
+
+  def torch_forward():
+    with torch.inference_mode():
+      out = ref(ttokens).logits
+    if torch_device == "cuda":
+      torch.cuda.synchronize()
+    return out
+
+  want = torch_forward().float().cpu().numpy()
+  got = np.asarray(forward(state, jtokens), np.float32)
+  err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-6)
+  torch_s = _time(torch_forward, FLAGS.iters)
+  print(f"transformers {torch_s * 1e3:9.2f} ms/forward  {n_tokens / torch_s:12,.0f} tokens/s  "
+        f"{flops / torch_s / 1e9:9.1f} GFLOP/s")
+  print(f"logits agree: max |diff| / max |logit| = {err:.2e}")
+  print(f"ratio (jaxdistill tokens/s / transformers tokens/s): {torch_s / jax_s:.2f}x")
+
+
+if __name__ == "__main__":
+  app.run(main)
