@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a model: layout, saving, locating the latest, restoring onto a mesh.
+"""Orbax checkpoints: model-only checkpoints, full train-state checkpoints, and restoring onto a mesh.
 
 Layout (shared with the trainer, which adds its own items beside these):
   <root>/<step>/params        the parameter tree (nnx pure dict), restorable on any mesh
@@ -90,3 +90,67 @@ def load_model(path: str, mesh=None, step: int | None = None, **config_overrides
         **{PARAMS: ocp.args.StandardRestore(nnx.to_pure_dict(target))}))[PARAMS]
   nnx.replace_by_pure_dict(abstract_state, restored)
   return nnx.merge(graphdef, abstract_state)
+
+
+OPT_STATE = "opt_state"
+DATA_STATE = "data_state"
+RUN_CONFIG = "run_config"
+
+
+class TrainCheckpointer:
+  """One CheckpointManager under `<workdir>/checkpoints` holding the whole train state.
+
+  Each step holds `params` and `model_config` (so `load_model` and the converter read a
+  training workdir directly), plus `opt_state`, the data-iterator state and the run config.
+  """
+
+  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+    self.root = os.path.join(os.path.abspath(workdir), "checkpoints")
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(self.root, options=options)
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def save(self, step: int, params, opt_state, model_config: ModelConfig, data_state: dict,
+           run_config: dict) -> None:
+    self.manager.save(step, args=ocp.args.Composite(**{
+        PARAMS: ocp.args.StandardSave(params),
+        OPT_STATE: ocp.args.StandardSave(opt_state),
+        MODEL_CONFIG: ocp.args.JsonSave(model_config.to_dict()),
+        DATA_STATE: ocp.args.JsonSave(data_state),
+        RUN_CONFIG: ocp.args.JsonSave(run_config),
+    }), force=True)
+
+  def model_config(self, step: int) -> ModelConfig:
+    got = self.manager.restore(step, args=ocp.args.Composite(
+        **{MODEL_CONFIG: ocp.args.JsonRestore()}))
+    return ModelConfig.from_dict(got[MODEL_CONFIG])
+
+  def restore_latest(self, abstract_params, abstract_opt_state):
+    """(step, params, opt_state, data_state) of the newest readable checkpoint, or None.
+
+    An unreadable newest checkpoint (a crash mid-write on a filesystem without atomic
+    renames, a lost file) falls back to the one before it, with a warning.
+    """
+    for step in reversed(self.steps()):
+      try:
+        got = self.manager.restore(step, args=ocp.args.Composite(**{
+            PARAMS: ocp.args.StandardRestore(abstract_params),
+            OPT_STATE: ocp.args.StandardRestore(abstract_opt_state),
+            DATA_STATE: ocp.args.JsonRestore(),
+        }))
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("checkpoint step %d under %s is unreadable (%s: %s); trying the one "
+                        "before it", step, self.root, type(e).__name__, str(e)[:300])
+        continue
+      return step, got[PARAMS], got[OPT_STATE], got[DATA_STATE]
+    return None
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

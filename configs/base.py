@@ -1,0 +1,71 @@
+"""Every default of a jaxdistill run, once. Recipe configs start from this and override.
+
+  python -m jaxdistill.main --config=configs/<name>.py --workdir=DIR [--config.a.b=v ...]
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.mode = "train"  # "train" | "eval" | "train_and_eval"
+  c.seed = 0  # parameter init and data order
+
+  # Initialisation, first that applies: resume from --workdir > init.checkpoint > init.hf_dir
+  # > random init of model.preset.
+  c.init = ml_collections.ConfigDict()
+  c.init.checkpoint = ""  # Orbax checkpoint root, step directory, or another run's workdir
+  c.init.hf_dir = ""  # Hugging Face directory (config.json + *.safetensors)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = "tiny"  # model_config.PRESETS name, used for random init only
+  c.model.param_dtype = "float32"  # parameter (and optimizer master) dtype
+  c.model.compute_dtype = "bfloat16"  # matmul/activation dtype; float32 for exact tests
+  c.model.remat = "none"  # "none" | "full" | "save_dots" | "save_dots_no_batch"
+  c.model.rope_theta = 0.0  # > 0 overrides the checkpoint's (long traces on Qwen2.5-Math)
+  c.model.max_position_embeddings = 0  # > 0 overrides the checkpoint's
+
+  # Device mesh: (data, fsdp, tp) sizes; one may be -1 = all remaining devices.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (1, -1, 1)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.sources = ""  # comma-separated paths/globs; "path@weight" for a weighted mixture
+  c.data.format = "auto"  # "auto" | "messages" | "sharegpt" | "s1k" | "problem_solution" | "openr1"
+  c.data.tokenizer = ""  # HF tokenizer directory or SentencePiece .model (default: init.hf_dir)
+  c.data.chat_template = "auto"  # "auto" | "tokenizer" | "chatml" | "llama3"
+  c.data.seq_len = 2048  # tokens per packed row
+  c.data.packing = "first_fit"  # "first_fit" | "pad" (one example per row)
+  c.data.overlong = "drop"  # "drop" | "truncate" (keeps the prompt)
+  c.data.shuffle = True
+  c.data.validation_fraction = 0.0  # share of examples held out for validation loss
+  c.data.workers = 0  # worker processes for tokenisation (0 = in the main process)
+  c.data.prefetch = 2  # batches prepared ahead
+  c.data.strict = False  # stop at the first bad record instead of skipping and counting it
+
+  c.train = ml_collections.ConfigDict()
+  c.train.global_batch_size = 8  # packed rows per optimizer step, all processes together
+  c.train.micro_batches = 1  # gradient accumulation: the global batch in this many scans
+  c.train.num_steps = 0  # optimizer steps; 0 = derived from num_epochs and the packed rows
+  c.train.num_epochs = 1.0  # passes over the data when num_steps is 0
+  c.train.lr = 1e-5  # peak learning rate
+  c.train.warmup_ratio = 0.05  # share of the steps spent in linear warm-up
+  c.train.schedule = "cosine"  # "cosine" | "linear" | "constant" after warm-up
+  c.train.end_lr_ratio = 0.0  # final lr as a fraction of the peak
+  c.train.weight_decay = 1e-4  # AdamW decoupled decay (never on norms and biases)
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95
+  c.train.eps = 1e-8
+  c.train.grad_clip = 1.0  # global-norm clip; 0 disables
+  c.train.z_loss = 0.0  # coefficient of mean(logsumexp^2) added to the loss
+  c.train.loss_chunk = 1024  # sequence tokens per output-head chunk in the loss
+  c.train.log_every = 10  # steps between metric lines
+  c.train.eval_every = 0  # steps between validation-loss passes (0 = never)
+  c.train.eval_batches = 8  # validation batches per pass
+  c.train.checkpoint_every = 500  # steps between checkpoints (also at the end and on SIGTERM)
+  c.train.keep_checkpoints = 3  # most recent checkpoints kept
+  c.train.async_checkpoints = True  # write checkpoints in the background
+  c.train.profile_steps = (0, 0)  # [start, stop) steps traced by jax.profiler; (0, 0) = off
+  c.train.compilation_cache_dir = ""  # persistent XLA compilation cache, e.g. ~/.cache/jaxdistill
+  c.train.inject_nan_at_step = -1  # testing aid: poison the loss at this step
+  return c

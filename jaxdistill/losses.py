@@ -1,0 +1,71 @@
+"""Next-token cross-entropy on scored tokens, computed in sequence chunks.
+
+The output head is applied to one chunk of the sequence at a time under `jax.checkpoint`, so
+neither the forward nor the backward pass ever holds the [B, T, V] logits (at T=32k and
+V=152k that is ~20 GB in fp32); only [B, C, V] for one chunk C exists at a time.
+Sums are returned, not means: the caller divides by the number of scored tokens in the whole
+global batch, which keeps packing and gradient accumulation exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def token_nll(logits_BCV: jax.Array, targets_BC: jax.Array):
+  """Per-token negative log-likelihood and log-partition (both float32, [B, C])."""
+  logits = logits_BCV.astype(jnp.float32)
+  lse_BC = jax.nn.logsumexp(logits, axis=-1)
+  target_logit_BC = jnp.take_along_axis(logits, targets_BC[..., None], axis=-1)[..., 0]
+  return lse_BC - target_logit_BC, lse_BC
+
+
+def cross_entropy_sums(unembed: Callable[[jax.Array], jax.Array], hidden_BTD: jax.Array,
+                       targets_BT: jax.Array, weights_BT: jax.Array, *, chunk: int = 1024):
+  """Sums of masked NLL and of masked log-partition squared (for z-loss) over the batch.
+
+  Args:
+    unembed: hidden [B, C, D] -> logits [B, C, V] (the model's output head).
+    hidden_BTD: final hidden states.
+    targets_BT: next-token ids.
+    weights_BT: 1.0 where the target is scored, else 0.0.
+    chunk: tokens of the sequence per chunk; T is padded up to a multiple of it.
+  Returns:
+    (nll_sum, z_sum): float32 scalars.
+  """
+  b, t, d = hidden_BTD.shape
+  chunk = min(chunk, t)
+  pad = -t % chunk
+  if pad:
+    hidden_BTD = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0)))
+    targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
+    weights_BT = jnp.pad(weights_BT, ((0, 0), (0, pad)))
+  n = (t + pad) // chunk
+  # [n, B, C, ...]: scan over chunks of the sequence; the batch axis keeps its sharding.
+  h = hidden_BTD.reshape(b, n, chunk, d).swapaxes(0, 1)
+  y = targets_BT.reshape(b, n, chunk).swapaxes(0, 1)
+  w = weights_BT.astype(jnp.float32).reshape(b, n, chunk).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def one_chunk(h_BCD, y_BC, w_BC):
+    nll_BC, lse_BC = token_nll(unembed(h_BCD), y_BC)
+    return jnp.sum(nll_BC * w_BC), jnp.sum(jnp.square(lse_BC) * w_BC)
+
+  def body(carry, xs):
+    nll, z = one_chunk(*xs)
+    return (carry[0] + nll, carry[1] + z), None
+
+  zero = jnp.zeros((), jnp.float32)
+  (nll_sum, z_sum), _ = jax.lax.scan(body, (zero, zero), (h, y, w))
+  return nll_sum, z_sum
+
+
+def naive_cross_entropy_sums(logits_BTV: jax.Array, targets_BT: jax.Array,
+                             weights_BT: jax.Array):
+  """The same sums from materialised logits: the reference the chunked version must equal."""
+  nll_BT, lse_BT = token_nll(logits_BTV, targets_BT)
+  w = weights_BT.astype(jnp.float32)
+  return jnp.sum(nll_BT * w), jnp.sum(jnp.square(lse_BT) * w)
