@@ -1,0 +1,1 @@
+"""Training data: trace formats, chat rendering with loss masks, sources and packing."""
