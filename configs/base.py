@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.init.hf_dir = ""  # Hugging Face directory (config.json + *.safetensors)
 
   c.model = ml_collections.ConfigDict()
-  c.model.preset = "tiny"  # model_config.PRESETS name, used for random init only
+  c.model.preset = "tiny"  # PRESETS name: random init, and the architecture to plan with
   c.model.param_dtype = "float32"  # parameter (and optimizer master) dtype
   c.model.compute_dtype = "bfloat16"  # matmul/activation dtype; float32 for exact tests
   c.model.remat = "none"  # "none" | "full" | "save_dots" | "save_dots_no_batch"
@@ -35,10 +35,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.tokenizer = ""  # HF tokenizer directory or SentencePiece .model (default: init.hf_dir)
   c.data.chat_template = "auto"  # "auto" | "tokenizer" | "chatml" | "llama3"
   c.data.seq_len = 2048  # tokens per packed row
-  c.data.packing = "first_fit"  # "first_fit" | "pad" (one example per row)
+  c.data.packing = "pack"  # "pack" (best-fit, several examples a row) | "pad" (one a row)
   c.data.overlong = "drop"  # "drop" | "truncate" (keeps the prompt)
   c.data.shuffle = True
-  c.data.validation_fraction = 0.0  # share of examples held out for validation loss
+  c.data.validation_sources = ""  # held-out traces for the validation loss (same syntax)
   c.data.workers = 0  # worker processes for tokenisation (0 = in the main process)
   c.data.prefetch = 2  # batches prepared ahead
   c.data.strict = False  # stop at the first bad record instead of skipping and counting it

@@ -53,6 +53,29 @@ def save_model(directory: str, model: Transformer, step: int = 0) -> str:
   return os.path.join(os.path.abspath(directory), str(step))
 
 
+def _pick_step(mngr, root: str, step: int | None) -> int:
+  steps = sorted(mngr.all_steps())
+  if not steps:
+    raise FileNotFoundError(f"no checkpoints under {root}")
+  if step is None:
+    return steps[-1]
+  if step not in steps:
+    raise FileNotFoundError(f"no step {step} under {root}; available: {steps}")
+  return step
+
+
+def load_model_config(path: str, step: int | None = None) -> tuple[ModelConfig, int]:
+  """(ModelConfig, step) stored with a checkpoint; `path` as in `load_model`."""
+  root = checkpoint_root(path)
+  step = step if step is not None else _step_of(path)
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f"no checkpoint directory at {root}")
+  with ocp.CheckpointManager(root) as mngr:
+    step = _pick_step(mngr, root, step)
+    got = mngr.restore(step, args=ocp.args.Composite(**{MODEL_CONFIG: ocp.args.JsonRestore()}))
+  return ModelConfig.from_dict(got[MODEL_CONFIG]), step
+
+
 def load_model(path: str, mesh=None, step: int | None = None, **config_overrides) -> Transformer:
   """Restores a model from a workdir, checkpoint root or step directory.
 
@@ -62,30 +85,19 @@ def load_model(path: str, mesh=None, step: int | None = None, **config_overrides
     step: which step (default: the one `path` names, else the latest).
     **config_overrides: ModelConfig fields to change, e.g. `param_dtype="bfloat16"`.
   """
+  cfg, step = load_model_config(path, step)
+  cfg = cfg.replace(**config_overrides)
   root = checkpoint_root(path)
-  step = step if step is not None else _step_of(path)
-  if not os.path.isdir(root):
-    raise FileNotFoundError(f"no checkpoint directory at {root}")
+  logging.info("restoring step %d from %s", step, root)
+  graphdef, abstract_state = nnx.split(abstract_model(cfg))
+  if mesh is None:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, abstract_state)
+  else:
+    shardings = state_shardings(abstract_state, mesh)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract_state, shardings)
   with ocp.CheckpointManager(root) as mngr:
-    steps = sorted(mngr.all_steps())
-    if not steps:
-      raise FileNotFoundError(f"no checkpoints under {root}")
-    if step is None:
-      step = steps[-1]
-    elif step not in steps:
-      raise FileNotFoundError(f"no step {step} under {root}; available: {steps}")
-    logging.info("restoring step %d from %s", step, root)
-    cfg_dict = mngr.restore(step, args=ocp.args.Composite(
-        **{MODEL_CONFIG: ocp.args.JsonRestore()}))[MODEL_CONFIG]
-    cfg = ModelConfig.from_dict(cfg_dict).replace(**config_overrides)
-    graphdef, abstract_state = nnx.split(abstract_model(cfg))
-    if mesh is None:
-      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-      shardings = jax.tree.map(lambda _: device, abstract_state)
-    else:
-      shardings = state_shardings(abstract_state, mesh)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract_state, shardings)
     restored = mngr.restore(step, args=ocp.args.Composite(
         **{PARAMS: ocp.args.StandardRestore(nnx.to_pure_dict(target))}))[PARAMS]
   nnx.replace_by_pure_dict(abstract_state, restored)

@@ -23,11 +23,11 @@ from flax import nnx
 
 from jaxdistill import losses, metrics, sharding
 from jaxdistill.checkpoint import TrainCheckpointer
+from jaxdistill.data import pipeline
 from jaxdistill.model import Transformer, abstract_model
 from jaxdistill.model_config import ModelConfig
 from jaxdistill.optimizer import OptimConfig, make_optimizer, make_schedule
 
-BATCH_KEYS = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,15 +170,6 @@ def with_shardings(abstract, shardings):
                       abstract, shardings)
 
 
-def global_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-  """Per-process rows -> global arrays sharded over the batch axes."""
-  out = {}
-  for k in BATCH_KEYS:
-    x = local[k]
-    out[k] = jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, x.ndim), x)
-  return out
-
-
 # -- The loop ---------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -294,7 +285,7 @@ def run(model: Transformer | None, model_cfg: ModelConfig, optim_cfg: OptimConfi
           "it: lower train.lr, raise train.warmup_ratio, set train.grad_clip, or train in "
           "float32 to find the cause.")
     window[1] += 1
-    if p_step % cfg.log_every and p_step != cfg.num_steps:
+    if p_step % cfg.log_every and p_step not in (1, cfg.num_steps):
       return
     now = time.perf_counter()
     step_time = (now - window[0]) / window[1]
@@ -319,7 +310,7 @@ def run(model: Transformer | None, model_cfg: ModelConfig, optim_cfg: OptimConfi
       while step < cfg.num_steps and not _any_process(preemption.requested):
         if profiling and step == cfg.profile_steps[0]:
           jax.profiler.start_trace(f"{workdir}/profile")
-        state, step_metrics = train_step(state, global_batch(next(data), mesh))
+        state, step_metrics = train_step(state, pipeline.make_global_batch(next(data), mesh))
         step += 1
         if profiling and step == cfg.profile_steps[1]:
           jax.profiler.stop_trace()
@@ -356,6 +347,6 @@ def _validation_loss(eval_step, params, eval_data, mesh, max_batches: int) -> fl
   for i, local in enumerate(eval_data()):
     if i >= max_batches:
       break
-    b_nll, b_n = eval_step(params, global_batch(local, mesh))
+    b_nll, b_n = eval_step(params, pipeline.make_global_batch(local, mesh))
     nll, n = nll + float(b_nll), n + float(b_n)
   return nll / max(n, 1.0)

@@ -1,0 +1,117 @@
+"""From a run config's `data` section to the tokenizer, renderer and training/validation streams."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator
+
+import ml_collections
+
+from jaxdistill.data import chat, formats, pipeline, sources
+
+
+@dataclasses.dataclass
+class TrainingData:
+  train: pipeline.DataIterator
+  num_steps: int  # optimizer steps the run takes
+  validation: Callable[[], Iterator] | None  # fresh validation batches, or None
+  renderer: chat.ChatRenderer
+  fingerprint: str  # identifies the data and its rendering, for the run manifest
+
+
+def parse_sources(spec: str) -> tuple[pipeline.SourceConfig, ...]:
+  """"a.jsonl,b/*.parquet" or a weighted mixture "a.jsonl@0.7,b.parquet@0.3"."""
+  out = []
+  for part in (p.strip() for p in spec.split(",") if p.strip()):
+    path, at, weight = part.rpartition("@")
+    try:
+      out.append(pipeline.SourceConfig(path, weight=float(weight)) if at else
+                 pipeline.SourceConfig(part))
+    except ValueError:  # an "@" that is part of the path
+      out.append(pipeline.SourceConfig(part))
+  if not out:
+    raise ValueError("data.sources is empty: give one or more JSONL/Parquet/ArrayRecord paths "
+                     "or globs (comma-separated, optionally path@weight), or tfds:NAME")
+  return tuple(out)
+
+
+def example_fn(renderer: chat.ChatRenderer, fmt: str, spec: formats.FormatSpec):
+  """record -> rendered examples (one per conversation the record holds)."""
+  def fn(record):
+    return [renderer.render(conv) for conv in formats.to_conversations(record, fmt, spec)]
+  return fn
+
+
+def _data_config(c: ml_collections.ConfigDict, srcs, *, num_epochs, shuffle=None):
+  d = c.data
+  return pipeline.DataConfig(
+      sources=srcs, seq_len=d.seq_len, global_batch_size=c.train.global_batch_size,
+      num_epochs=num_epochs, seed=c.seed, shuffle=d.shuffle if shuffle is None else shuffle,
+      packing=d.packing, overlong=d.overlong, strict=d.strict, num_workers=d.workers,
+      prefetch_batches=d.prefetch)
+
+
+def _fingerprint(cfg: pipeline.DataConfig, renderer: chat.ChatRenderer) -> str:
+  h = hashlib.sha256(json.dumps(cfg.stream_identity(), sort_keys=True).encode())
+  for s in cfg.sources:
+    for path in _local_files(s.path):
+      st = os.stat(path)
+      h.update(f"{path}:{st.st_size}:{int(st.st_mtime)}".encode())
+  h.update(f"{renderer.template_name}:{renderer.turn_end_id}".encode())
+  return h.hexdigest()[:16]
+
+
+def _local_files(spec: str) -> list[str]:
+  if spec.startswith("tfds:"):
+    return []
+  for ext in (".jsonl", ".parquet", ".array_record"):
+    try:
+      return sources.expand_paths(spec, ext)
+    except (ValueError, FileNotFoundError):
+      continue
+  return []
+
+
+def build_training_data(c: ml_collections.ConfigDict) -> TrainingData:
+  """The tokenizer, renderer and streams a run config asks for.
+
+  The number of steps is `train.num_steps` when set; otherwise `train.num_epochs` passes over
+  the data, counted by packing the whole run's lengths once (`pipeline.plan_steps`).
+  """
+  d = c.data
+  tokenizer_path = d.tokenizer or c.init.hf_dir
+  if not tokenizer_path:
+    raise ValueError("no tokenizer: set data.tokenizer (a Hugging Face tokenizer directory or "
+                     "a SentencePiece .model) or init.hf_dir")
+  tokenizer = chat.load_tokenizer(tokenizer_path)
+  renderer = chat.ChatRenderer(tokenizer, d.chat_template)
+  fn = example_fn(renderer, d.format, formats.FormatSpec())
+  srcs = parse_sources(d.sources)
+  if c.train.num_steps > 0:
+    cfg = _data_config(c, srcs, num_epochs=None)
+    num_steps = c.train.num_steps
+  else:
+    epochs = c.train.num_epochs
+    if int(epochs) != epochs or epochs < 1:
+      raise ValueError(f"train.num_epochs={epochs} must be a whole number >= 1 when "
+                       "train.num_steps is 0 (or set train.num_steps)")
+    cfg = _data_config(c, srcs, num_epochs=int(epochs))
+    plan = pipeline.plan_steps(cfg, fn)
+    num_steps = plan.steps
+    if num_steps < 1:
+      raise ValueError(f"the data packs into {plan.rows_per_process} rows per process, fewer "
+                       f"than one batch of {c.train.global_batch_size}; add data or lower "
+                       "train.global_batch_size")
+    logging.info("data: %d epoch(s) pack into %s rows per process: %d steps", int(epochs),
+                 plan.rows_per_process, num_steps)
+  validation = None
+  if d.validation_sources:
+    val_cfg = _data_config(c, parse_sources(d.validation_sources), num_epochs=1, shuffle=False)
+    validation = lambda: pipeline.DataIterator(val_cfg, fn)  # noqa: E731
+  return TrainingData(train=pipeline.DataIterator(cfg, fn), num_steps=num_steps,
+                      validation=validation, renderer=renderer,
+                      fingerprint=_fingerprint(cfg, renderer))

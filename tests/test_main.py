@@ -1,0 +1,193 @@
+"""The main job end to end: tiny run, kill -9 and SIGTERM resume, two processes, bad configs."""
+
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from ml_collections import config_flags
+
+from jaxdistill import checkpoint, optimizer as optimizer_lib, run, sharding, train
+from jaxdistill.model_config import get_preset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHORT = ["--config.train.num_steps=40", "--config.train.checkpoint_every=10",
+         "--config.train.log_every=5"]
+
+
+def _env(devices=1):
+  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+              JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+
+
+def _cmd(workdir, *overrides, config="configs/tiny.py"):
+  return [sys.executable, "-m", "jaxdistill.main", f"--config={config}",
+          f"--workdir={workdir}", *overrides]
+
+
+def _run(workdir, *overrides, devices=1, timeout=300):
+  r = subprocess.run(_cmd(workdir, *overrides), cwd=ROOT, env=_env(devices), timeout=timeout,
+                     capture_output=True, text=True)
+  assert r.returncode == 0, r.stderr[-4000:]
+  return r
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if "loss" in json.loads(line)]
+
+
+def _params(workdir, step):
+  model = checkpoint.load_model(os.path.join(workdir, "checkpoints", str(step)))
+  return [np.asarray(x) for x in jax.tree.leaves(checkpoint.nnx.state(model))]
+
+
+def _wait_for_checkpoint(workdir, step, proc, timeout=240):
+  path = os.path.join(workdir, "checkpoints", str(step))
+  start = time.time()
+  while not os.path.isdir(path):
+    assert proc.poll() is None, "run ended before its first checkpoint"
+    assert time.time() - start < timeout
+    time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("full"))
+  r = _run(workdir, *SHORT)
+  return workdir, r
+
+
+def test_tiny_config_trains_and_loss_falls(uninterrupted):
+  workdir, r = uninterrupted
+  rows = _losses(workdir)
+  assert rows[0]["step"] == 1 and rows[-1]["step"] == 40
+  assert rows[-1]["loss"] < 0.6 * rows[0]["loss"], [r["loss"] for r in rows]
+  assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))) == [20, 30, 40]
+  manifest = json.load(open(os.path.join(workdir, "manifest.json")))
+  assert manifest["mesh"] == {"data": 1, "fsdp": 1, "tp": 1}
+  assert manifest["versions"]["jax"] == jax.__version__ and manifest["data_fingerprint"]
+  assert glob.glob(os.path.join(workdir, "tensorboard", "events.*"))
+  assert "random init of preset 'tiny'" in r.stderr
+  # Running the finished command again restores the last step and does nothing more.
+  again = _run(workdir, *SHORT)
+  assert "resumed from" in again.stderr and "(step 40 of 40)" in again.stderr
+
+
+def test_kill_9_then_rerun_equals_uninterrupted(uninterrupted, tmp_path):
+  full_dir, _ = uninterrupted
+  workdir = str(tmp_path)
+  proc = subprocess.Popen(_cmd(workdir, *SHORT), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  _wait_for_checkpoint(workdir, 10, proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not os.path.isdir(os.path.join(workdir, "checkpoints", "40"))
+  r = _run(workdir, *SHORT)
+  assert "resumed from" in r.stderr
+  for a, b in zip(_params(workdir, 40), _params(full_dir, 40)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_sigterm_checkpoints_and_exits_zero(tmp_path):
+  workdir = str(tmp_path)
+  proc = subprocess.Popen(_cmd(workdir, *SHORT), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  _wait_for_checkpoint(workdir, 10, proc)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")))
+  assert steps[-1] > 10 and steps[-1] < 40, steps
+  assert f"checkpointed step {steps[-1]}" in err
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process_with_four_devices(tmp_path):
+  args = ["--config.train.num_steps=6", "--config.train.log_every=1",
+          "--config.train.checkpoint_every=3", "--config.data.packing=pad"]
+  single = str(tmp_path / "single")
+  _run(single, *args, devices=4)
+  multi = str(tmp_path / "multi")
+  port = _free_port()
+  procs = [subprocess.Popen(
+      _cmd(multi, *args, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+           f"--process_id={i}"), cwd=ROOT, env=_env(2), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  one = [r["loss"] for r in _losses(single)]
+  two = [r["loss"] for r in _losses(multi)]
+  assert len(one) == len(two) == 6
+  np.testing.assert_allclose(two, one, rtol=1e-5)
+  assert sorted(int(d) for d in os.listdir(os.path.join(multi, "checkpoints"))) == [3, 6]
+
+
+# -- Configs ------------------------------------------------------------------------------------
+
+def _load(path, *overrides):
+  c = config_flags.config_flags._ConfigFileParser(name="config").parse(  # pylint: disable=protected-access
+      os.path.join(ROOT, path))
+  for o in overrides:
+    key, value = o.split("=", 1)
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], tuple) else eval(value)  # pylint: disable=eval-used
+  return c
+
+
+@pytest.mark.parametrize("path", sorted(os.path.relpath(p, ROOT) for p in glob.glob(
+    os.path.join(ROOT, "configs", "*.py")) if not p.endswith("__init__.py")))
+def test_every_config_loads_and_builds_its_state_abstractly(path, tmp_path, monkeypatch):
+  monkeypatch.chdir(ROOT)
+  c = _load(path)
+  if c.init.hf_dir and not os.path.exists(c.init.hf_dir):
+    cfg = get_preset(c.model.preset, **run.model_overrides(c))
+  else:
+    cfg, _ = run.resolve_model_config(c, str(tmp_path))
+  mesh = sharding.make_mesh(c.mesh.shape)
+  run.validate(c, cfg, tuple(mesh.shape.values()))
+  abstract = train.abstract_params(cfg)
+  opt = optimizer_lib.make_optimizer(run.optim_config(c, 1000))
+  abstract_opt = jax.eval_shape(opt.init, abstract)
+  shardings = train.opt_state_shardings(abstract_opt, abstract, mesh)
+  assert len(jax.tree.leaves(shardings)) == len(jax.tree.leaves(abstract_opt))
+  assert sum(x.size for x in jax.tree.leaves(abstract)) == cfg.num_params()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["mesh.shape=(3, 1, 1)"], "needs 3 devices but 8 are available"),
+    (["train.global_batch_size=12"], "global_batch_size=12 is not divisible by data x fsdp"),
+    (["mesh.shape=(1, 1, 8)"], "4 attention heads are not divisible by mesh tp=8"),
+    (["data.seq_len=4096"], "data.seq_len=4096 exceeds the model's max_position_embeddings"),
+    (["train.micro_batches=3"], "x train.micro_batches (3)"),
+    (["mode=serve"], "mode='serve' is not one of"),
+])
+def test_bad_configs_fail_before_compiling_with_what_to_change(overrides, message, tmp_path,
+                                                               monkeypatch):
+  monkeypatch.chdir(ROOT)
+  c = _load("configs/tiny.py", *overrides)
+  with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    run.main(c, str(tmp_path))
+  assert not os.path.exists(os.path.join(tmp_path, "checkpoints", "0"))
+
+
+def test_unknown_override_key_is_an_error(tmp_path):
+  r = subprocess.run(_cmd(str(tmp_path), "--config.train.learning_rate=1e-3"), cwd=ROOT,
+                     env=_env(), capture_output=True, text=True, timeout=120)
+  assert r.returncode != 0 and "learning_rate" in r.stderr

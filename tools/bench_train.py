@@ -1,0 +1,151 @@
+"""Train-step throughput: step time, tokens/s and MFU, optionally against transformers + torch AdamW.
+
+  python tools/bench_train.py --vs_hf                 # the bench model on this machine
+  python tools/bench_train.py --config=configs/tiny.py
+  python tools/bench_train.py --preset=llama3_2_1b --seq=4096 --batch=8 --dtype=bfloat16 \
+      --remat=full                                      # on a GPU: MFU against the bf16 peak
+
+Both frameworks run in this process on the same weights and token batch (full rows, every
+target scored), with AdamW and global-norm clipping; the ratio printed is
+jaxdistill step time / PyTorch step time (below 1 means jaxdistill is faster).
+"""
+
+import os
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from jaxdistill import hf, metrics, model as model_lib, sharding, train  # noqa: E402
+from jaxdistill.data import pipeline  # noqa: E402
+from jaxdistill.model_config import ModelConfig, get_preset  # noqa: E402
+from jaxdistill.optimizer import OptimConfig, make_optimizer, make_schedule  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("config", None, "A run config (configs/*.py): use its model, batch, seq.")
+flags.DEFINE_string("preset", "bench", "'bench' or a model_config.PRESETS name.")
+flags.DEFINE_integer("batch", 8, "Rows per step.")
+flags.DEFINE_integer("seq", 256, "Tokens per row.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (params fp32).")
+flags.DEFINE_enum("remat", "none", ["none", "full", "save_dots", "save_dots_no_batch"], "Remat.")
+flags.DEFINE_integer("loss_chunk", 1024, "Sequence tokens per loss chunk.")
+flags.DEFINE_integer("steps", 10, "Timed steps (after two warm-up steps).")
+flags.DEFINE_list("mesh", ["1", "-1", "1"], "data,fsdp,tp.")
+flags.DEFINE_bool("vs_hf", False, "Also time transformers PyTorch eager + torch AdamW.")
+
+BENCH = ModelConfig(model_type="llama", vocab_size=8192, d_model=256, num_layers=4,
+                    num_heads=8, num_kv_heads=4, head_dim=32, mlp_dim=768, rms_eps=1e-5,
+                    max_position_embeddings=4096, bos_token_id=1, eos_token_id=2)
+
+
+def _settings():
+  if FLAGS.config:
+    from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+    from jaxdistill import run  # pylint: disable=g-import-not-at-top
+    c = config_flags.config_flags._ConfigFileParser(name="config").parse(FLAGS.config)  # pylint: disable=protected-access
+    cfg, _ = run.resolve_model_config(c, tempfile.mkdtemp())
+    return cfg, c.train.global_batch_size, c.data.seq_len, c.train.loss_chunk
+  cfg = BENCH if FLAGS.preset == "bench" else get_preset(FLAGS.preset)
+  cfg = cfg.replace(param_dtype="float32", compute_dtype=FLAGS.dtype, remat=FLAGS.remat)
+  return cfg, FLAGS.batch, FLAGS.seq, FLAGS.loss_chunk
+
+
+def _batch(cfg, b, t):
+  tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (b, t + 1)).astype(np.int32)
+  mask = np.ones((b, t), bool)
+  return {"inputs": tokens[:, :t], "targets": tokens[:, 1:], "loss_mask": mask,
+          "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+          "segment_ids": np.ones((b, t), np.int32)}, tokens
+
+
+def main(argv):
+  del argv
+  cfg, b, t, chunk = _settings()
+  mesh = sharding.make_mesh([int(x) for x in FLAGS.mesh])
+  model = model_lib.create_model(cfg, mesh, seed=0)
+  hf_dir = None
+  if FLAGS.vs_hf:  # exported now: the jitted step donates (deletes) these parameters
+    hf_dir = tempfile.mkdtemp()
+    hf.save_hf_model(model, os.path.join(hf_dir, "m"), dtype="float32")
+  optim = OptimConfig(lr=1e-4, total_steps=1000, warmup_steps=0, weight_decay=0.01,
+                      grad_clip=1.0)
+  optimizer = make_optimizer(optim)
+  tcfg = train.TrainConfig(global_batch_size=b, seq_len=t, loss_chunk=chunk)
+  graphdef = nnx.graphdef(model)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  state = train.TrainState(jnp.zeros((), jnp.int32), params, jax.jit(optimizer.init)(params))
+  step_fn = jax.jit(train.make_train_step(graphdef, optimizer, make_schedule(optim), tcfg),
+                    donate_argnums=0)
+  local, tokens = _batch(cfg, b, t)
+  with jax.set_mesh(mesh):
+    batch = pipeline.make_global_batch(local, mesh)
+    for _ in range(2):
+      state, m = step_fn(state, batch)
+      jax.block_until_ready(m)
+    times = []
+    for _ in range(FLAGS.steps):
+      t0 = time.perf_counter()
+      state, m = step_fn(state, batch)
+      jax.block_until_ready(m)
+      times.append(time.perf_counter() - t0)
+  jax_s = float(np.median(times))
+  flops = metrics.train_flops_per_token(cfg, t) * b * t
+  peak = metrics.device_peak_flops()
+  print(f"model: {cfg.num_params() / 1e6:.1f}M params, batch {b} x seq {t}, compute "
+        f"{cfg.compute_dtype}, remat {cfg.remat}; {jax.device_count()} x "
+        f"{jax.devices()[0].device_kind}, mesh {dict(mesh.shape)}")
+  line = (f"jaxdistill  {jax_s * 1e3:9.1f} ms/step  {b * t / jax_s:10,.0f} tokens/s  "
+          f"{flops / jax_s / 1e9:8.1f} GFLOP/s  loss {float(m['loss']):.4f}")
+  if peak:
+    line += f"  MFU {flops / jax_s / (peak * jax.device_count()):.1%}"
+  print(line)
+  if FLAGS.vs_hf:
+    torch_s = _torch_step_time(os.path.join(hf_dir, "m"), cfg, tokens, b, t)
+    print(f"pytorch     {torch_s * 1e3:9.1f} ms/step  {b * t / torch_s:10,.0f} tokens/s  "
+          f"{flops / torch_s / 1e9:8.1f} GFLOP/s")
+    print(f"step-time ratio jaxdistill / pytorch: {jax_s / torch_s:.2f}x")
+
+
+def _torch_step_time(hf_path, cfg, tokens, b, t):
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  ref = transformers.AutoModelForCausalLM.from_pretrained(hf_path).to(device)
+  ref.train()
+  autocast = cfg.compute_dtype == "bfloat16"
+  opt = torch.optim.AdamW(ref.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
+  inputs = torch.tensor(tokens[:, :t], device=device, dtype=torch.long)
+  labels = torch.tensor(tokens[:, 1:], device=device, dtype=torch.long)
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+      logits = ref(inputs).logits
+    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                             labels.reshape(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+    opt.step()
+    if device == "cuda":
+      torch.cuda.synchronize()
+
+  for _ in range(2):
+    step()
+  times = []
+  for _ in range(FLAGS.steps):
+    t0 = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+if __name__ == "__main__":
+  app.run(main)
