@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -146,6 +148,7 @@ class TrainCheckpointer:
     An unreadable newest checkpoint (a crash mid-write on a filesystem without atomic
     renames, a lost file) falls back to the one before it, with a warning.
     """
+    unreadable = []
     for step in reversed(self.steps()):
       try:
         got = self.manager.restore(step, args=ocp.args.Composite(**{
@@ -156,9 +159,30 @@ class TrainCheckpointer:
       except Exception as e:  # pylint: disable=broad-except
         logging.warning("checkpoint step %d under %s is unreadable (%s: %s); trying the one "
                         "before it", step, self.root, type(e).__name__, str(e)[:300])
+        unreadable.append(step)
         continue
+      self._set_aside(unreadable)
       return step, got[PARAMS], got[OPT_STATE], got[DATA_STATE]
+    if unreadable:
+      raise RuntimeError(f"no readable checkpoint under {self.root} (tried steps "
+                         f"{unreadable}); move the directory away to start afresh")
     return None
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Moves unreadable steps to `<workdir>/checkpoints.unreadable/`, so training can write
+    those steps again and the files stay for inspection."""
+    if not steps:
+      return
+    if jax.process_index() == 0:
+      aside = self.root + ".unreadable"
+      os.makedirs(aside, exist_ok=True)
+      for step in steps:
+        shutil.move(os.path.join(self.root, str(step)),
+                    os.path.join(aside, f"{step}-{int(time.time())}"))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("jaxdistill_set_aside_checkpoints")
+    self.manager.reload()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

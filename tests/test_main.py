@@ -61,7 +61,9 @@ def _wait_for_checkpoint(workdir, step, proc, timeout=240):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("full"))
-  r = _run(workdir, *SHORT)
+  traces = os.path.join(ROOT, "jaxdistill", "assets", "tiny_traces.jsonl")
+  r = _run(workdir, *SHORT, f"--config.data.validation_sources={traces}",
+           "--config.train.eval_every=20", "--config.train.eval_batches=2")
   return workdir, r
 
 
@@ -69,6 +71,9 @@ def test_tiny_config_trains_and_loss_falls(uninterrupted):
   workdir, r = uninterrupted
   rows = _losses(workdir)
   assert rows[0]["step"] == 1 and rows[-1]["step"] == 40
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    val = [json.loads(line) for line in f if "val_loss" in line]
+  assert [v["step"] for v in val] == [20, 40] and val[-1]["val_loss"] < val[0]["val_loss"]
   assert rows[-1]["loss"] < 0.6 * rows[0]["loss"], [r["loss"] for r in rows]
   assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))) == [20, 30, 40]
   manifest = json.load(open(os.path.join(workdir, "manifest.json")))
@@ -134,6 +139,28 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
   assert len(one) == len(two) == 6
   np.testing.assert_allclose(two, one, rtol=1e-5)
   assert sorted(int(d) for d in os.listdir(os.path.join(multi, "checkpoints"))) == [3, 6]
+
+
+def test_survivor_exits_when_a_peer_dies(tmp_path):
+  port = _free_port()
+  args = ["--config.train.num_steps=100000", "--config.train.checkpoint_every=100000",
+          "--heartbeat_timeout=10", f"--coordinator_address=127.0.0.1:{port}",
+          "--num_processes=2"]
+  procs = [subprocess.Popen(_cmd(str(tmp_path), *args, f"--process_id={i}"), cwd=ROOT,
+                            env=_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True) for i in range(2)]
+  metrics = os.path.join(tmp_path, "metrics.jsonl")
+  start = time.time()
+  while not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+    assert time.time() - start < 240 and procs[0].poll() is None
+    time.sleep(0.2)
+  procs[1].send_signal(signal.SIGKILL)
+  try:
+    _, err = procs[0].communicate(timeout=120)
+  except subprocess.TimeoutExpired:
+    procs[0].kill()
+    pytest.fail("the surviving process hung after its peer died")
+  assert procs[0].returncode != 0, err[-2000:]
 
 
 # -- Configs ------------------------------------------------------------------------------------

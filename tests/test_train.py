@@ -136,3 +136,28 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     _train(tmp_path, (1, 1, 1), steps=8, ckpt_every=2, inject_nan_at_step=3)
   steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
   assert steps == [2]
+
+
+def test_unreadable_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
+  full, _ = _train(tmp_path / "full", (1, 1, 1), steps=6, ckpt_every=2)
+  workdir = tmp_path / "broken"
+  _train(workdir, (1, 1, 1), steps=4, ckpt_every=2, schedule_steps=6)
+  for f in (workdir / "checkpoints" / "4" / "params").rglob("*"):
+    if f.is_file() and f.stat().st_size > 0:
+      f.write_bytes(b"\0" * 16)  # a torn write
+  with caplog.at_level("WARNING"):
+    resumed, _ = _train(workdir, (1, 1, 1), steps=6, ckpt_every=2)
+  assert "checkpoint step 4" in caplog.text and "unreadable" in caplog.text
+  for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(full.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_resume_onto_a_different_mesh(tmp_path):
+  full, curve_full = _train(tmp_path / "full", (2, 2, 1), steps=6, ckpt_every=2)
+  workdir = tmp_path / "moved"
+  _train(workdir, (2, 2, 1), steps=4, ckpt_every=2, schedule_steps=6)
+  moved, _ = _train(workdir, (1, 2, 2), steps=6, ckpt_every=2)
+  spec = moved.params["layers"]["mlp"]["up_proj"]["kernel"].sharding.spec
+  assert spec == jax.sharding.PartitionSpec(None, "fsdp", "tp")
+  for a, b in zip(jax.tree.leaves(moved.params), jax.tree.leaves(full.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
