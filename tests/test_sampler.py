@@ -1,0 +1,101 @@
+"""Sampler: greedy equals transformers' generate, padding invariance, stops, sampling laws."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from jaxdistill import hf
+from jaxdistill.sampler import Sampler, SamplingConfig, sample_token
+from tests import hf_fixtures
+
+GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=12)
+
+
+def _prompts(lengths, seed=0):
+  rng = np.random.RandomState(seed)
+  return [rng.randint(3, 320, n).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_greedy_equals_transformers_generate(kind, request):
+  sampler = Sampler.from_model(hf.load_hf_model(request.getfixturevalue(f"tiny_{kind}_dir")))
+  ref = hf_fixtures.tiny_hf_model(kind)
+  prompts = _prompts([7, 19])
+  got = sampler.generate(prompts, GREEDY)
+  for prompt, samples in zip(prompts, got):
+    with torch.no_grad():
+      want = ref.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)[0, len(prompt):].numpy()
+    np.testing.assert_array_equal(samples[0].tokens, want)
+    assert samples[0].finish_reason == "length"
+
+
+def test_padding_invariance(tiny_qwen2_dir):
+  sampler = Sampler.from_model(hf.load_hf_model(tiny_qwen2_dir))
+  prompts = _prompts([5, 40, 13, 2], seed=1)
+  alone = sampler.generate([prompts[2]], GREEDY)[0][0].tokens
+  batched = sampler.generate(prompts, GREEDY)
+  np.testing.assert_array_equal(batched[2][0].tokens, alone)
+  in_small_batches = sampler.generate(prompts, GREEDY, batch_size=2)
+  for a, b in zip(batched, in_small_batches):
+    np.testing.assert_array_equal(a[0].tokens, b[0].tokens)
+
+
+def test_stop_tokens_end_rows_independently(tiny_llama_dir):
+  sampler = Sampler.from_model(hf.load_hf_model(tiny_llama_dir))
+  prompts = _prompts([6, 9], seed=2)
+  free = sampler.generate(prompts, GREEDY)
+  stop = int(free[0][0].tokens[3])
+  got = sampler.generate(prompts, SamplingConfig(temperature=0.0, max_new_tokens=12,
+                                                 stop_ids=(stop,)))
+  first = list(free[0][0].tokens).index(stop)
+  np.testing.assert_array_equal(got[0][0].tokens, free[0][0].tokens[:first + 1])
+  assert got[0][0].finish_reason == "stop"
+  if stop not in free[1][0].tokens.tolist():
+    np.testing.assert_array_equal(got[1][0].tokens, free[1][0].tokens)
+    assert got[1][0].finish_reason == "length"
+
+
+def test_samples_are_seeded_and_prompt_prefilled_once(tiny_qwen2_dir):
+  sampler = Sampler.from_model(hf.load_hf_model(tiny_qwen2_dir))
+  cfg = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=8)
+  prompts = _prompts([4, 11], seed=3)
+  a = sampler.generate(prompts, cfg, num_samples=4, seed=7)
+  b = sampler.generate(prompts, cfg, num_samples=4, seed=7)
+  c = sampler.generate(prompts, cfg, num_samples=4, seed=8)
+  flat = lambda r: [s.tokens.tolist() for x in r for s in x]  # noqa: E731
+  assert flat(a) == flat(b) and flat(a) != flat(c)
+  assert len({tuple(s.tokens) for s in a[0]}) > 1  # the samples differ from each other
+
+
+def _frequencies(logits, n=20000, **kw):
+  keys = jax.random.split(jax.random.key(0), n)
+  draw = jax.jit(jax.vmap(lambda k: sample_token(jnp.asarray(logits)[None], k, **kw)[0]))
+  return np.bincount(np.asarray(draw(keys)), minlength=len(logits)) / n
+
+
+def test_sampling_follows_temperature_top_k_and_top_p():
+  logits = np.log(np.array([0.4, 0.3, 0.15, 0.1, 0.05]))
+  # temperature 1: the softmax itself (tolerance ~4 standard errors at n=20000)
+  np.testing.assert_allclose(_frequencies(logits, temperature=1.0, top_k=0, top_p=1.0),
+                             [0.4, 0.3, 0.15, 0.1, 0.05], atol=0.015)
+  # temperature 0.5 squares and renormalises the probabilities
+  p = np.array([0.4, 0.3, 0.15, 0.1, 0.05]) ** 2
+  np.testing.assert_allclose(_frequencies(logits, temperature=0.5, top_k=0, top_p=1.0),
+                             p / p.sum(), atol=0.015)
+  # top-k 2 keeps the two likeliest, renormalised
+  np.testing.assert_allclose(_frequencies(logits, temperature=1.0, top_k=2, top_p=1.0),
+                             [4 / 7, 3 / 7, 0, 0, 0], atol=0.015)
+  # top-p 0.8 keeps 0.4 + 0.3 + 0.15 (the mass before 0.15 is 0.7 < 0.8), renormalised
+  np.testing.assert_allclose(_frequencies(logits, temperature=1.0, top_k=0, top_p=0.8),
+                             [0.4 / 0.85, 0.3 / 0.85, 0.15 / 0.85, 0, 0], atol=0.015)
+  # greedy
+  assert _frequencies(logits, n=10, temperature=0.0, top_k=0, top_p=1.0)[0] == 1.0
+
+
+def test_prompt_too_long_is_a_clear_error(tiny_qwen2_dir):
+  sampler = Sampler.from_model(hf.load_hf_model(tiny_qwen2_dir))
+  with pytest.raises(ValueError, match="exceeds the model's 512 positions"):
+    sampler.generate(_prompts([500]), SamplingConfig(max_new_tokens=20))
