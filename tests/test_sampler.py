@@ -99,3 +99,30 @@ def test_prompt_too_long_is_a_clear_error(tiny_qwen2_dir):
   sampler = Sampler.from_model(hf.load_hf_model(tiny_qwen2_dir))
   with pytest.raises(ValueError, match="exceeds the model's 512 positions"):
     sampler.generate(_prompts([500]), SamplingConfig(max_new_tokens=20))
+
+
+def test_generate_file_resumes_to_the_same_output(tiny_qwen2_dir, tmp_path):
+  import json
+  from jaxdistill import generate
+  from jaxdistill.data import chat
+  from tests import hf_fixtures as fx
+  tok_dir = fx.save_tiny_chatml_tokenizer(tmp_path / "tok")
+  renderer = chat.ChatRenderer(chat.load_tokenizer(str(tok_dir)), "chatml")
+  sampler = Sampler.from_model(hf.load_hf_model(tiny_qwen2_dir))
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text("".join(json.dumps({"prompt": f"the answer is {i}", "id": i}) + "\n"
+                             for i in range(5)))
+  cfg = SamplingConfig(temperature=1.0, max_new_tokens=6, stop_ids=generate.stop_ids(renderer))
+  full = tmp_path / "full.jsonl"
+  generate.generate_file(sampler, renderer, str(prompts), str(full), cfg, num_samples=2,
+                         batch_size=2)
+  lines = full.read_text().splitlines()
+  assert len(lines) == 5 and [json.loads(x)["id"] for x in lines] == list(range(5))
+  row = json.loads(lines[0])
+  assert len(row["response"]) == len(row["finish_reason"]) == 2
+  # Interrupted after three lines and half of the fourth: the rerun ends identical.
+  cut = tmp_path / "cut.jsonl"
+  cut.write_text("\n".join(lines[:3]) + "\n" + lines[3][:20])
+  generate.generate_file(sampler, renderer, str(prompts), str(cut), cfg, num_samples=2,
+                         batch_size=2)
+  assert cut.read_text() == full.read_text()

@@ -1,0 +1,59 @@
+"""Samples completions for a JSONL file of prompts (output feeds tools/grade.py).
+
+  python tools/generate.py --init=DIR --prompts=FILE.jsonl --output=FILE.jsonl \
+      [--tokenizer=DIR] [--temperature=0.6 --top_p=0.95 --top_k=0] [--num_samples=1] \
+      [--max_new_tokens=1024] [--chat_template=true] [--batch_size=8] [--seed=0]
+
+DIR is a Hugging Face directory or an Orbax checkpoint / training workdir (then give
+--tokenizer). Lines are appended as batches finish; rerunning continues where it stopped.
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jaxdistill import generate  # noqa: E402
+from jaxdistill.data import chat  # noqa: E402
+from jaxdistill.sampler import Sampler, SamplingConfig  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("init", None, "Hugging Face directory, Orbax checkpoint or workdir.")
+flags.DEFINE_string("prompts", None, "Input JSONL: {'prompt': str} or {'messages': [...]}.")
+flags.DEFINE_string("output", None, "Output JSONL (appended; a rerun continues).")
+flags.DEFINE_string("tokenizer", None, "Tokenizer directory or .model (default: --init).")
+flags.DEFINE_string("chat_template_name", "auto", "auto | tokenizer | chatml | llama3.")
+flags.DEFINE_bool("chat_template", True, "Wrap 'prompt' as the user turn of the template.")
+flags.DEFINE_float("temperature", 0.6, "0 = greedy.")
+flags.DEFINE_float("top_p", 0.95, "Nucleus mass.")
+flags.DEFINE_integer("top_k", 0, "0 = off.")
+flags.DEFINE_integer("num_samples", 1, "Samples per prompt.")
+flags.DEFINE_integer("max_new_tokens", 1024, "Generated tokens per sample at most.")
+flags.DEFINE_integer("batch_size", 8, "Prompts per batch.")
+flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute and cache dtype.")
+flags.mark_flags_as_required(["init", "prompts", "output"])
+
+
+def main(argv):
+  del argv
+  tokenizer = chat.load_tokenizer(FLAGS.tokenizer or FLAGS.init)
+  renderer = chat.ChatRenderer(tokenizer, FLAGS.chat_template_name)
+  model = generate.load_model(FLAGS.init, compute_dtype=FLAGS.dtype)
+  if tokenizer.vocab_size > model.config.vocab_size:
+    raise app.UsageError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                         f"{model.config.vocab_size}: they do not belong together")
+  cfg = SamplingConfig(temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k,
+                       max_new_tokens=FLAGS.max_new_tokens, stop_ids=generate.stop_ids(renderer),
+                       cache_dtype=FLAGS.dtype)
+  n = generate.generate_file(Sampler.from_model(model), renderer, FLAGS.prompts, FLAGS.output,
+                             cfg, num_samples=FLAGS.num_samples, seed=FLAGS.seed,
+                             batch_size=FLAGS.batch_size, use_chat_template=FLAGS.chat_template,
+                             log=logging.info)
+  print(f"wrote {n} lines to {FLAGS.output}")
+
+
+if __name__ == "__main__":
+  app.run(main)
