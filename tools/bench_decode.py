@@ -1,0 +1,118 @@
+"""Decode throughput against transformers' generate (KV cache) on the same weights.
+
+  python tools/bench_decode.py                         # bench model: 64-token prompts, 128 new
+  python tools/bench_decode.py --preset=qwen2_5_0_5b --prompt_len=2048 --new_tokens=64
+
+Decode speed is separated from the prompt's prefill: each framework generates 1 and then N
+new tokens, and decode tokens/s = batch x (N - 1) / (time(N) - time(1)). Prints both
+frameworks' decode tokens/s, their ratio, and the share of the memory-bandwidth bound:
+batch x read bandwidth / (bytes of weights + KV cache read per step), with the read
+bandwidth measured in the same run (a large array reduction). Prefill time is printed too.
+"""
+
+import os
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxdistill import hf  # noqa: E402
+from jaxdistill.model_config import ModelConfig, get_preset  # noqa: E402
+from jaxdistill.sampler import Sampler, SamplingConfig  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("preset", "bench", "'bench' or a model_config.PRESETS name.")
+flags.DEFINE_list("batch", ["1", "8"], "Batch sizes.")
+flags.DEFINE_integer("prompt_len", 64, "Prompt tokens.")
+flags.DEFINE_integer("new_tokens", 128, "Generated tokens per row (no early stop).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights, compute and cache.")
+flags.DEFINE_integer("repeats", 3, "Timed runs per setting (median).")
+flags.DEFINE_bool("vs_hf", True, "Also time transformers generate.")
+
+BENCH = ModelConfig(model_type="llama", vocab_size=8192, d_model=256, num_layers=4,
+                    num_heads=8, num_kv_heads=4, head_dim=32, mlp_dim=768, rms_eps=1e-5,
+                    max_position_embeddings=4096, bos_token_id=1, eos_token_id=2)
+
+
+def _median_time(fn, repeats):
+  fn()  # compile / warm up
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def _read_bandwidth() -> float:
+  """Bytes/s of a large reduction: what streaming weights from memory can reach here."""
+  x = jnp.ones((64 * 2**20,), jnp.float32)  # 256 MiB
+  f = jax.jit(jnp.sum)
+  seconds = _median_time(lambda: f(x).block_until_ready(), 5)
+  return x.nbytes / seconds
+
+
+def main(argv):
+  del argv
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  cfg = BENCH if FLAGS.preset == "bench" else get_preset(FLAGS.preset)
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  tdtype = torch.bfloat16 if FLAGS.dtype == "bfloat16" else torch.float32
+  torch.manual_seed(0)
+  hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf_config())
+  with tempfile.TemporaryDirectory() as tmp:
+    ref = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=tdtype)
+    ref.save_pretrained(tmp)
+    model = hf.load_hf_model(tmp, param_dtype=FLAGS.dtype, compute_dtype=FLAGS.dtype)
+  ref = ref.to(device).eval()
+  sampler = Sampler.from_model(model)
+  bandwidth = _read_bandwidth()
+  itemsize = 2 if FLAGS.dtype == "bfloat16" else 4
+  weight_bytes = cfg.num_params() * itemsize
+  print(f"model: {FLAGS.preset} ({cfg.num_params() / 1e6:.1f}M params, {FLAGS.dtype}), prompt "
+        f"{FLAGS.prompt_len}, {FLAGS.new_tokens} new tokens; {jax.devices()[0].device_kind}; "
+        f"read bandwidth {bandwidth / 1e9:.1f} GB/s")
+  for b in [int(x) for x in FLAGS.batch]:
+    prompts = np.random.RandomState(b).randint(3, cfg.vocab_size, (b, FLAGS.prompt_len)).tolist()
+
+    def ours(n):
+      c = SamplingConfig(temperature=0.0, max_new_tokens=n, cache_dtype=FLAGS.dtype)
+      return _median_time(lambda: sampler.generate(prompts, c), FLAGS.repeats)
+
+    prefill = ours(1)
+    ours_tps = b * (FLAGS.new_tokens - 1) / max(ours(FLAGS.new_tokens) - prefill, 1e-9)
+    cache_len = FLAGS.prompt_len + FLAGS.new_tokens / 2  # on average over the decode
+    kv_bytes = (2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize) * cache_len
+    bound_tps = b * bandwidth / (weight_bytes + b * kv_bytes)
+    line = (f"batch {b}: jaxdistill {ours_tps:9.1f} tok/s ({ours_tps / bound_tps:.2f} of the "
+            f"bound {bound_tps:,.0f}; prefill {prefill:.2f}s)")
+    if FLAGS.vs_hf:
+      ids = torch.tensor(prompts, device=device)
+
+      def theirs(n):
+        def run():
+          with torch.inference_mode():
+            ref.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                         pad_token_id=0)
+          if device == "cuda":
+            torch.cuda.synchronize()
+        return _median_time(run, FLAGS.repeats)
+
+      t_prefill = theirs(1)
+      theirs_tps = b * (FLAGS.new_tokens - 1) / max(theirs(FLAGS.new_tokens) - t_prefill, 1e-9)
+      line += (f" | transformers {theirs_tps:9.1f} tok/s ({theirs_tps / bound_tps:.2f}; "
+               f"prefill {t_prefill:.2f}s) | ratio {ours_tps / theirs_tps:.2f}x")
+    print(line, flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
