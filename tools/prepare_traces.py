@@ -1,0 +1,81 @@
+r"""Renders trace records once, on every core, into pre-tokenised ArrayRecord shards.
+
+  python tools/prepare_traces.py --input='data/*.jsonl,extra.parquet' \
+      --tokenizer=/ckpt/Qwen2.5-7B --seq_len=16384 --output=/data/prepared \
+      [--format=auto] [--chat_template=auto] [--overlong=drop|truncate] [--pack] [--strict] \
+      [--workers=K]
+
+Without --pack, DIR gets examples-0000i-of-0000n.array_record: one pre-tokenised example
+(tokens and loss mask) per entry, in input order. The training pipeline reads them directly
+in place of the raw traces (--config.data.sources=DIR), with no tokenizer work. Shuffling,
+packing and the over-length policy still happen there, so seq_len may stay the same or shrink.
+With --pack, DIR gets rows-0000i-of-0000n.array_record instead: rows already packed to
+seq_len (the encoding is described in jaxdistill/data/prepare.py). Those rows are read by
+`jaxdistill.data.prepare.PackedRows(DIR)`, a Grain source of row dicts. The training pipeline
+does not read packed rows yet.
+
+Either way DIR/stats.json records what was kept, truncated and dropped (by reason), the
+first bad records as file:line, length histograms, the tokenizer and template, and input
+fingerprints. Bad records are skipped and counted; with --strict the run stops at the first
+one, prints where it is, and leaves no shards behind. Progress goes to stderr every few
+seconds. The output does not depend on --workers.
+"""
+
+import os
+import sys
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jaxdistill.data import chat, formats, packing, pipeline, prepare  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("input", None, "Trace files, globs or directories (JSONL, Parquet, "
+                  "ArrayRecord) or tfds:NAME[@SPLIT], comma-separated; read in this order.")
+flags.DEFINE_string("tokenizer", None, "Hugging Face tokenizer directory or SentencePiece "
+                    ".model file: the one training will use.")
+flags.DEFINE_integer("seq_len", None, "Row length the examples are fitted to (data.seq_len).")
+flags.DEFINE_string("output", None, "Directory for the shards and stats.json (new, or without "
+                    "prepared data in it).")
+flags.DEFINE_enum("format", "auto", ["auto", *formats.FORMATS], "Trace format of the records.")
+flags.DEFINE_string("chat_template", "auto", "'auto', 'tokenizer', 'chatml', 'llama3' or a "
+                    "Jinja template (data.chat_template).")
+flags.DEFINE_enum("overlong", "drop", list(packing.OVERLONG_POLICIES),
+                  "Examples longer than seq_len: drop them, or keep their first seq_len tokens.")
+flags.DEFINE_bool("pack", False, "Write rows packed to seq_len (read by prepare.PackedRows, "
+                  "not by the training pipeline) instead of examples.")
+flags.DEFINE_integer("pack_bins", 16, "Rows open at once while packing.")
+flags.DEFINE_bool("strict", False, "Stop at the first bad record instead of skipping it.")
+flags.DEFINE_integer("workers", os.cpu_count() or 1, "Rendering processes.")
+flags.DEFINE_integer("shard_mb", 256, "Records per shard, in MiB before compression.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  for name in ("input", "tokenizer", "seq_len", "output"):
+    if not FLAGS[name].value:
+      raise app.UsageError(f"--{name} is required")
+  try:
+    cfg = prepare.PrepareConfig(
+        inputs=FLAGS.input, output=FLAGS.output, seq_len=FLAGS.seq_len, format=FLAGS.format,
+        overlong=FLAGS.overlong, pack=FLAGS.pack, pack_bins=FLAGS.pack_bins,
+        strict=FLAGS.strict, workers=FLAGS.workers, shard_bytes=FLAGS.shard_mb << 20)
+    renderer = chat.ChatRenderer(chat.load_tokenizer(FLAGS.tokenizer), FLAGS.chat_template)
+    stats = prepare.prepare(cfg, renderer)
+  except pipeline.BadRecordError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  except (FileNotFoundError, ValueError) as e:  # missing paths, bad settings, a used output
+    raise app.UsageError(str(e))
+  print(prepare.summary(stats))
+  print(f"wrote {os.path.join(FLAGS.output, prepare.STATS_FILE)}")
+  if not stats["kept"]:
+    print("error: no example was kept; see the dropped counts", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)
