@@ -156,7 +156,7 @@ def main(c: ml_collections.ConfigDict, workdir: str) -> train.TrainResult | None
   validate(c, cfg, tuple(mesh.shape.values()))
   logging.info("mesh %s; model %s, %s parameters; init: %s", sharding.describe(mesh),
                cfg.model_type, f"{cfg.num_params():,}", source)
-  data = builder.build_training_data(c)
+  data = builder.build_training_data(c, workdir)
   num_steps = data.num_steps
   logging.info("training %d steps of %d rows x %d tokens", num_steps,
                c.train.global_batch_size, c.data.seq_len)

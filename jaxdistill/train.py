@@ -285,10 +285,17 @@ def run(model: Transformer | None, model_cfg: ModelConfig, optim_cfg: OptimConfi
           "it: lower train.lr, raise train.warmup_ratio, set train.grad_clip, or train in "
           "float32 to find the cause.")
     window[1] += 1
-    if p_step % cfg.log_every and p_step not in (1, cfg.num_steps):
+    if p_step % cfg.log_every and p_step not in (first_step, cfg.num_steps):
       return
     now = time.perf_counter()
     step_time = (now - window[0]) / window[1]
+    if p_step == first_step:  # its time is mostly compilation: no rate or ETA from it
+      writer.write(p_step, last)
+      log(f"step {p_step}/{cfg.num_steps} | loss {last['loss']:.4f} | grad "
+          f"{last['grad_norm']:.3f} | lr {last['lr']:.2e} | first step with compilation "
+          f"{step_time:.1f}s")
+      window[0], window[1] = now, 0
+      return
     tokens_per_s = cfg.global_batch_size * cfg.seq_len / step_time
     row = dict(last, step_time=step_time, tokens_per_s=tokens_per_s)
     line = (f"step {p_step}/{cfg.num_steps} | loss {last['loss']:.4f} | "
@@ -303,6 +310,7 @@ def run(model: Transformer | None, model_cfg: ModelConfig, optim_cfg: OptimConfi
     window[0], window[1] = now, 0
 
   saved_step = step
+  first_step = step + 1
   pending = None  # (step, metrics) of the step in flight, read after the next is dispatched
   profiling = cfg.profile_steps[1] > cfg.profile_steps[0]
   try:
@@ -344,9 +352,14 @@ def run(model: Transformer | None, model_cfg: ModelConfig, optim_cfg: OptimConfi
 
 def _validation_loss(eval_step, params, eval_data, mesh, max_batches: int) -> float:
   nll, n = 0.0, 0.0
-  for i, local in enumerate(eval_data()):
-    if i >= max_batches:
-      break
-    b_nll, b_n = eval_step(params, pipeline.make_global_batch(local, mesh))
-    nll, n = nll + float(b_nll), n + float(b_n)
+  batches = eval_data()
+  try:
+    for i, local in enumerate(batches):
+      if i >= max_batches:
+        break
+      b_nll, b_n = eval_step(params, pipeline.make_global_batch(local, mesh))
+      nll, n = nll + float(b_nll), n + float(b_n)
+  finally:
+    if hasattr(batches, "close"):
+      batches.close()
   return nll / max(n, 1.0)

@@ -9,6 +9,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 
+import jax
 import ml_collections
 
 from jaxdistill.data import chat, formats, pipeline, sources
@@ -76,11 +77,38 @@ def _local_files(spec: str) -> list[str]:
   return []
 
 
-def build_training_data(c: ml_collections.ConfigDict) -> TrainingData:
+def _planned_steps(cfg, fn, renderer, workdir: str | None) -> int:
+  key = f"{_fingerprint(cfg, renderer)}:{jax.process_count()}"
+  path = os.path.join(workdir, "data_plan.json") if workdir else None
+  if path and os.path.exists(path):
+    with open(path) as f:
+      cached = json.load(f)
+    if cached.get("key") == key:
+      logging.info("data: %d steps (planned earlier, %s)", cached["steps"], path)
+      return cached["steps"]
+  plan = pipeline.plan_steps(cfg, fn)
+  if plan.steps < 1:
+    raise ValueError(f"the data packs into {plan.rows_per_process} rows per process, fewer "
+                     f"than one batch of {cfg.global_batch_size}; add data or lower "
+                     "train.global_batch_size")
+  logging.info("data: %d epoch(s) pack into %s rows per process: %d steps", cfg.num_epochs,
+               plan.rows_per_process, plan.steps)
+  if path and jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+      json.dump({"key": key, "steps": plan.steps,
+                 "rows_per_process": list(plan.rows_per_process)}, f)
+  return plan.steps
+
+
+def build_training_data(c: ml_collections.ConfigDict, workdir: str | None = None
+                        ) -> TrainingData:
   """The tokenizer, renderer and streams a run config asks for.
 
   The number of steps is `train.num_steps` when set; otherwise `train.num_epochs` passes over
-  the data, counted by packing the whole run's lengths once (`pipeline.plan_steps`).
+  the data, counted by packing the whole run's lengths once (`pipeline.plan_steps`, which
+  renders every record) and remembered in `workdir/data_plan.json` under the data's
+  fingerprint, so a resumed run does not render everything again before its first step.
   """
   d = c.data
   tokenizer_path = d.tokenizer or c.init.hf_dir
@@ -100,14 +128,7 @@ def build_training_data(c: ml_collections.ConfigDict) -> TrainingData:
       raise ValueError(f"train.num_epochs={epochs} must be a whole number >= 1 when "
                        "train.num_steps is 0 (or set train.num_steps)")
     cfg = _data_config(c, srcs, num_epochs=int(epochs))
-    plan = pipeline.plan_steps(cfg, fn)
-    num_steps = plan.steps
-    if num_steps < 1:
-      raise ValueError(f"the data packs into {plan.rows_per_process} rows per process, fewer "
-                       f"than one batch of {c.train.global_batch_size}; add data or lower "
-                       "train.global_batch_size")
-    logging.info("data: %d epoch(s) pack into %s rows per process: %d steps", int(epochs),
-                 plan.rows_per_process, num_steps)
+    num_steps = _planned_steps(cfg, fn, renderer, workdir)
   validation = None
   if d.validation_sources:
     val_cfg = _data_config(c, parse_sources(d.validation_sources), num_epochs=1, shuffle=False)

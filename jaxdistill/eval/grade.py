@@ -1,0 +1,592 @@
+r"""Grading one sampled response against its gold answer: AIME/AMC integers, MATH by equivalence.
+
+  grade(response, gold, task_kind, finish_reason=None) -> Verdict
+
+The answer is taken by `extract.extract` (after the thinking section; last box; cue; never the
+last number). Then, by `task_kind`:
+
+  aime  Gold is an integer 0-999. The answer must be the same integer: `033` = `33`, `27.0` = 27,
+        thousands separators (`1,000`, `1 000`, `1{,}000`, `1,\!000`) are read, a literal `%`,
+        `^\circ`, `\text{}` wrapper or trailing unit is dropped, and `m+n=33` reads as its last
+        right-hand side. An exact expression (`\dfrac{50}{2}`, `2^{10}-1000`) is evaluated and
+        must be that integer. There is no x100 or /100 leniency (`0.33` and `3300` are wrong
+        for 33), no tolerance, and any non-integer (`33.5`, `32, 349`, `3,4`) is wrong.
+  amc   The same, for signed integers of any size (`-1`, also with the U+2212 minus sign); gold
+        may be written `27.0`.
+  math  Cheap string canonical forms first (spacing, `\left`/`\right`, `\dfrac`/`\tfrac`, text
+        and unit wrappers, degrees, percent sign, numbers as exact fractions). Text answers
+        (`\text{Evelyn}`, `\text{(C)}`) compare as case-folded words, never symbolically. A set
+        written with `\{ \}` never equals a parenthesised tuple or interval. Everything else is
+        parsed by math-verify and compared symbolically, in a worker process under a time and
+        memory bound (`SymbolicChecker`).
+
+Percent. A percent sign is a unit and is dropped on both sides (`28\%` = `28` = `28 percent`);
+values are never rescaled by 100 in either direction, for any kind.
+
+Outcomes (`Verdict.reason`): "correct"; "wrong"; "no_answer" (extraction failure, including an
+unfinished thinking section); "truncated" (finish_reason == "length": scored wrong whatever it
+contains, and reported apart); "timeout" (the symbolic comparison hit its time or memory limit:
+scored wrong and logged); "too_complex" (the answer exceeds the size bounds checked before any
+symbolic work: length, nesting, exponents, factorials; scored wrong).
+
+math-verify (0.9.0) defaults that are overridden here: it falls back to the last bare number
+and reads boxes inside an unfinished `<think>` (we only hand it our own extracted answer,
+wrapped in one box, with fallback_mode="no_fallback"); its `signal.alarm` timeouts only work on
+the main thread and swallow timeouts as parse failures (we disable them and bound the whole
+comparison from outside, by killing the worker process); it reads `X%` as both X and X/100 (we
+drop the sign first); it compares a set to a relation only when asked (we allow it only when the
+gold itself is an interval, relation or membership).
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import dataclasses
+import fractions
+import importlib
+import logging
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from multiprocessing import connection
+
+from jaxdistill.eval import extract as extract_lib
+
+KINDS = ("aime", "amc", "math")
+REASONS = ("correct", "wrong", "no_answer", "truncated", "timeout", "too_complex")
+
+# Bounds checked before any answer reaches sympy; `10^{10^{10}}` or `100000!` would otherwise
+# be evaluated exactly and hang or exhaust memory.
+MAX_ANSWER_CHARS = 500
+MAX_NESTING = 12
+MAX_EXPONENT = 10_000
+MAX_FACTORIAL = 1_000
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+  """The grade of one sample.
+
+  Attributes:
+    correct: whether the sample counts as solved.
+    reason: one of `REASONS`.
+    extracted: the answer that was graded (a MATH multi-box answer is joined with ", "), or None.
+    vote_key: the kind-aware canonical answer for majority voting (a correct answer gets the
+      gold's key, so equivalent correct forms vote together); None casts no vote (no answer,
+      truncated).
+    method: how the answer was extracted (`extract.Extraction.method`).
+    flags: extraction flags (`extract.Extraction.flags`).
+    details: how the comparison was decided, for reports.
+  """
+  correct: bool
+  reason: str
+  extracted: str | None
+  vote_key: str | None
+  method: str
+  flags: tuple[str, ...] = ()
+  details: dict = dataclasses.field(default_factory=dict)
+
+  def to_dict(self) -> dict:
+    """The verdict as a JSON-ready dict."""
+    return dataclasses.asdict(self) | {"flags": list(self.flags)}
+
+
+def grade(response: str, gold: str, task_kind: str, finish_reason: str | None = None, *,
+          checker: SymbolicChecker | None = None) -> Verdict:
+  """Grades one response.
+
+  Args:
+    response: the generated text of one sample.
+    gold: the gold answer (a string; AIME/AMC integers may be written `033` or `27.0`).
+    task_kind: "aime", "amc" or "math".
+    finish_reason: the engine's reason for stopping; "length" marks a truncated sample.
+    checker: the symbolic checker to use (default: `default_checker()`).
+
+  Returns:
+    A `Verdict`.
+
+  Raises:
+    ValueError: unknown `task_kind`, or a gold answer that is not valid for it.
+  """
+  gold_key = gold_vote_key(gold, task_kind)
+  ex = extract_lib.extract(response)
+  answer = ex.answer
+  if task_kind == "math" and ex.group:
+    answer = ", ".join(ex.group)
+  verdict = dict(extracted=answer, method=ex.method, flags=ex.flags)
+  if finish_reason == "length":
+    return Verdict(False, "truncated", vote_key=None, details={"finish_reason": finish_reason},
+                   **verdict)
+  if answer is None:
+    return Verdict(False, "no_answer", vote_key=None, **verdict)
+  reason, details = compare_answers(answer, gold, task_kind, checker=checker)
+  key = gold_key if reason == "correct" else vote_key(answer, task_kind)
+  return Verdict(reason == "correct", reason, vote_key=key, details=details, **verdict)
+
+
+def grade_all(samples: Sequence[tuple[str, str, str | None]], task_kind: str, *,
+              checker: SymbolicChecker | None = None, threads: int = 1) -> list[Verdict]:
+  """Grades many (response, gold, finish_reason) samples, in order.
+
+  With `threads` > 1 they are graded concurrently; give a `checker` with as many workers so
+  the symbolic comparisons run in parallel too.
+  """
+  def one(sample):
+    response, gold, finish_reason = sample
+    return grade(response, gold, task_kind, finish_reason, checker=checker)
+  if threads <= 1:
+    return [one(s) for s in samples]
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    return list(pool.map(one, samples))
+
+
+def compare_answers(answer: str, gold: str, task_kind: str, *,
+                    checker: SymbolicChecker | None = None) -> tuple[str, dict]:
+  """Compares an extracted answer with the gold answer.
+
+  Returns:
+    (reason, details): reason is "correct", "wrong", "timeout" or "too_complex"; details say
+    which rule decided ("by": integer, string, text, shape or symbolic) and any notes.
+  """
+  gold_key = gold_vote_key(gold, task_kind)
+  if len(answer) > MAX_ANSWER_CHARS:  # before any regex: the rules below assume short strings
+    return "too_complex", {"by": "bounds", "note": f"longer than {MAX_ANSWER_CHARS} characters"}
+  if task_kind in ("aime", "amc"):
+    return _compare_integer(answer, int(gold_key), task_kind, checker)
+  gold_norm, pred_norm = normalize_math(gold), normalize_math(answer)
+  if gold_norm == pred_norm:
+    return "correct", {"by": "string"}
+  if _is_text(gold):
+    gold_text = _text_key(gold)
+    same = _text_key(answer, choice=len(gold_text) == 1) == gold_text
+    return ("correct" if same else "wrong"), {"by": "text"}
+  shapes = _outer_shape(gold_norm), _outer_shape(pred_norm)
+  if None not in shapes and shapes[0] != shapes[1]:
+    return "wrong", {"by": "shape", "note": f"gold is a {shapes[0]}, answer a {shapes[1]}"}
+  gold_sym, pred_sym = strip_decorations(gold), strip_decorations(answer)
+  problem = too_complex(pred_sym) or too_complex(gold_sym)
+  if problem:
+    return "too_complex", {"by": "bounds", "note": problem}
+  relation = bool(re.search(r"\\in\b|\\[lg]eq?\b|[<>]|\\[lg]t\b|\\cup|\\cap|\\infty", gold))
+  status, value = (checker or default_checker()).run(("equal", gold_sym, pred_sym, relation))
+  if status != "ok":
+    log.warning("symbolic comparison %s: gold %r, answer %r", status, gold, answer[:200])
+    return "timeout", {"by": "symbolic", "note": status}
+  equal, note = value
+  return ("correct" if equal else "wrong"), {"by": "symbolic"} | ({"note": note} if note else {})
+
+
+def _compare_integer(answer: str, gold: int, kind: str,
+                     checker: SymbolicChecker | None) -> tuple[str, dict]:
+  value = parse_integer(answer)
+  details = {"by": "integer"}
+  text = strip_decorations(answer)
+  exact = _exact_number(re.sub(r"\s+", "", text))
+  if value is None and exact is not None:  # a plain decimal or fraction: no sympy needed
+    if "/" in exact:
+      return "wrong", details | {"note": "not an integer"}
+    value = int(exact)
+  if value is None:
+    if "," in text:  # `32, 349`, `3,4`, `1,22`: a list (or a decimal comma), never one integer
+      return "wrong", details | {"note": "a list, not an integer"}
+    if not _looks_numeric(text):
+      return "wrong", details | {"note": "not an integer"}
+    problem = too_complex(text)
+    if problem:
+      return "too_complex", {"by": "bounds", "note": problem}
+    status, result = (checker or default_checker()).run(("integer", "", text, False))
+    if status != "ok":
+      log.warning("symbolic evaluation %s: answer %r", status, answer[:200])
+      return "timeout", {"by": "symbolic", "note": status}
+    value, note = result
+    details = {"by": "symbolic"}
+    if value is None:
+      return "wrong", details | {"note": note or "not an integer"}
+  if kind == "aime" and not 0 <= value <= 999:
+    details["note"] = "outside 0-999"
+  return ("correct" if value == gold else "wrong"), details
+
+
+def gold_vote_key(gold: str, task_kind: str) -> str:
+  """The vote key of the gold answer; also validates it.
+
+  Raises:
+    ValueError: unknown `task_kind`, or a gold that is not an integer (aime: in 0-999) for an
+      integer task, or empty.
+  """
+  if task_kind not in KINDS:
+    raise ValueError(f"unknown task kind {task_kind!r}; choose from {', '.join(KINDS)}")
+  if not isinstance(gold, str) or not gold.strip():
+    raise ValueError(f"gold answer must be a non-empty string, got {gold!r}")
+  if task_kind == "math":
+    return normalize_math(gold)
+  value = parse_integer(gold)
+  if value is None or (task_kind == "aime" and not 0 <= value <= 999):
+    kind_rule = "an integer 0-999" if task_kind == "aime" else "an integer"
+    raise ValueError(f"{task_kind} gold answer {gold!r} is not {kind_rule}; grade it as 'math'")
+  return str(value)
+
+
+def vote_key(answer: str, task_kind: str) -> str:
+  """The canonical form of `answer` under which majority voting counts it."""
+  if len(answer) > MAX_ANSWER_CHARS:
+    return answer
+  if task_kind in ("aime", "amc"):
+    value = parse_integer(answer)
+    if value is not None:
+      return str(value)
+  return normalize_math(answer)
+
+
+# ----------------------------------------------------------------------------- string rules
+
+_MINUS = str.maketrans({"\u2212": "-", "\u2012": "-", "\u2013": "-", "\ufe63": "-", "\uff0d": "-"})
+_WRAPPERS = r"text|textbf|textnormal|textrm|mbox|mathrm|mathbf|boldsymbol"
+# A unit at the end: `\text{ cm}^2`, `\mbox{ inches}`; one letter (`\mathrm{e}`) is no unit.
+_UNIT_TAIL = re.compile(rf"\\(?:{_WRAPPERS})\{{(\s*[A-Za-z][^{{}}]*[A-Za-z.][^{{}}]*)\}}"
+                        r"(?:\^\{?\d\}?)?\s*$")
+_WRAPPER = re.compile(rf"\\(?:{_WRAPPERS})\{{([^{{}}]*)\}}")
+_SUBSTITUTIONS = (
+    (re.compile(r"\\[dtc]frac"), r"\\frac"),
+    (re.compile(r"\\(?:left|right|big|Big|bigg|Bigg)(?![A-Za-z])"), ""),
+    (re.compile(r"\{,\}"), ","),
+    (re.compile(r"\\displaystyle|\\!"), ""),
+    (re.compile(r"\\[,;: ]|~|\\quad|\\qquad"), " "),
+    (re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|°|\\degree"), ""),
+    (re.compile(r"\\%|%|\s(?:percent|pct)\.?\s*$"), ""),
+    (re.compile(r"\\\$|\$|\\\(|\\\)|\\\[|\\\]"), ""),
+    (re.compile(r"\\le(?![A-Za-z])"), r"\\leq"),
+    (re.compile(r"\\ge(?![A-Za-z])"), r"\\geq"),
+)
+_INTEGER = re.compile(r"[+-]?\d+")
+_GROUPED = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+|[+-]?\d{1,3}(?: \d{3})+")
+_INTEGRAL_DECIMAL = re.compile(r"([+-]?\d+)\.0*")
+
+
+def strip_decorations(text: str) -> str:
+  r"""Drops what never changes a value: math delimiters, `\left`/`\right`, spacing commands,
+  degree marks, percent signs, `$`, a trailing unit in `\text{}`/`\mbox{}`, and text/bold
+  wrappers (keeping their contents); maps `\dfrac`/`\tfrac`/`\cfrac` to `\frac`, Unicode
+  minus signs to `-`, `\le`/`\ge` to `\leq`/`\geq`, and `\mathrm{e}` to `e`. Spaces are kept."""
+  s = text.translate(_MINUS).strip()
+  for pattern, repl in _SUBSTITUTIONS:
+    s = pattern.sub(repl, s)
+  s = s.strip().rstrip(".").strip()
+  head = _UNIT_TAIL.sub("", s).strip()
+  # Keep the "unit" when it is an operand: `x \in \mathbf{Reals}`, `2 + \text{apples}`.
+  if head and head != s and not re.search(r"[-+=*/^_,(]$|\\[A-Za-z]+$", head):
+    s = head
+  while (unwrapped := _WRAPPER.sub(r"\1", s)) != s:
+    s = unwrapped
+  return s.strip().rstrip(".").strip()
+
+
+def parse_integer(text: str) -> int | None:
+  """The integer `text` writes, or None: `033`, `-1`, `27.0`, `1,000`, `1 000`, `10{,}000`,
+  `\\boxed`-free decorations dropped, the last right-hand side of an `=`, trailing words
+  ("204 minutes") dropped. Fractions, decimals with a non-zero fraction and lists are None."""
+  s = strip_decorations(text)
+  s = s.rsplit("=", 1)[-1].strip()
+  # One or two trailing words are a unit ("204 minutes"); "3 and 4" is a list, not 3.
+  s = re.sub(r"(?<=\d)\s+(?!(?:and|or)\b)[A-Za-z]+(?:\s+[A-Za-z]+)?\.?$", "", s)
+  s = re.sub(r"\s+", " ", s)
+  if _INTEGER.fullmatch(s):
+    return int(s)
+  if _GROUPED.fullmatch(s):
+    return int(s.replace(",", "").replace(" ", ""))
+  if m := _INTEGRAL_DECIMAL.fullmatch(s):
+    return int(m.group(1))
+  return None
+
+
+def normalize_math(text: str) -> str:
+  """A canonical string for a MATH answer: decorations stripped (`strip_decorations`), spaces
+  removed, a one-letter left-hand side (`x=`) dropped, and exact numbers written as `p/q`
+  (`0.5`, `\\frac12`, `1/2` all give `1/2`). Equal strings mean equal answers; unequal strings
+  may still be equivalent (that is for the symbolic check)."""
+  s = strip_decorations(text)
+  grouped = _GROUPED.fullmatch(s.strip())
+  if grouped:
+    s = s.replace(",", "").replace(" ", "")
+  s = re.sub(r"\s+", "", s)
+  if s.count("=") == 1 and re.match(r"[A-Za-z]=", s):
+    s = s[2:]
+  number = _exact_number(s)
+  return number if number is not None else s
+
+
+def _exact_number(s: str) -> str | None:
+  m = re.fullmatch(r"([+-]?)\\frac(?:\{([+-]?\d+)\}|(\d))(?:\{([+-]?\d+)\}|(\d))", s)
+  try:
+    if _INTEGER.fullmatch(s):
+      value = fractions.Fraction(int(s))
+    elif re.fullmatch(r"[+-]?(?:\d+\.\d*|\.\d+)", s):
+      value = fractions.Fraction(s)
+    elif m:
+      value = fractions.Fraction(int(m.group(2) or m.group(3)), int(m.group(4) or m.group(5)))
+      value = -value if m.group(1) == "-" else value
+    elif re.fullmatch(r"[+-]?\d+/\d+", s):
+      value = fractions.Fraction(s)
+    else:
+      return None
+  except ZeroDivisionError:
+    return None
+  return str(value)  # Fraction prints "p/q", or "p" when whole
+
+
+def _is_text(gold: str) -> bool:
+  # A word answer such as \text{Evelyn} or \text{(C)}: letters only once wrappers are gone.
+  return bool(re.search(rf"\\(?:{_WRAPPERS})\{{", gold)) and bool(
+      re.fullmatch(r"[\sA-Za-z()]+", strip_decorations(gold)))
+
+
+def _text_key(answer: str, choice: bool = False) -> str:
+  s = strip_decorations(answer)
+  if choice:  # multiple choice: "(C) 12" names choice C
+    m = re.match(r"\(?([A-Za-z])\)?(?![A-Za-z])", s)
+    if m:
+      return m.group(1).lower()
+  return re.sub(r"[^a-z]", "", s.lower())
+
+
+def _outer_shape(norm: str) -> str | None:
+  if norm.startswith("\\{") and norm.endswith("\\}"):
+    return "set"
+  if norm[:1] in "([" and norm[-1:] in ")]":
+    depth = 0
+    for c in norm[1:-1]:
+      depth += c in "([{"
+      depth -= c in ")]}"
+      if c == "," and depth == 0:
+        return "tuple or interval"
+  return None
+
+
+def _looks_numeric(text: str) -> bool:
+  # An exact arithmetic expression without variables, worth evaluating for an integer task.
+  bare = re.sub(r"\\(?:frac|sqrt|cdot|times|div|binom|pi)(?![A-Za-z])", "", text)
+  return bool(re.search(r"\d", bare)) and not re.search(r"[A-Za-z\\]", bare)
+
+
+def too_complex(text: str) -> str | None:
+  """Why `text` must not reach sympy (it could hang or exhaust memory), or None if it may."""
+  if len(text) > MAX_ANSWER_CHARS:
+    return f"longer than {MAX_ANSWER_CHARS} characters"
+  depth = deepest = 0
+  for c in text:
+    depth += c in "({["
+    depth -= c in ")}]"
+    deepest = max(deepest, depth)
+  if deepest > MAX_NESTING:
+    return f"nested deeper than {MAX_NESTING}"
+  for m in re.finditer(r"\^\s*", text):
+    i = m.end()
+    if text[i:i + 1] == "{":
+      end = extract_lib.match_brace(text, i)
+      exponent = text[i + 1:end] if end > 0 else text[i + 1:]
+    else:
+      exponent = re.match(r"\d*", text[i:]).group() or text[i:i + 1]
+    if "^" in exponent and not re.search(r"[A-Za-z]", re.sub(r"\\[A-Za-z]+", "", exponent)):
+      return "numeric power tower"
+    if "!" in exponent:
+      return "factorial in an exponent"
+    if any(int(d) > MAX_EXPONENT for d in re.findall(r"\d+", exponent)):
+      return f"exponent above {MAX_EXPONENT}"
+  for m in re.finditer(r"(\d+)\s*\}?\s*!", text):
+    if int(m.group(1)) > MAX_FACTORIAL:
+      return f"factorial above {MAX_FACTORIAL}!"
+  return None
+
+
+# -------------------------------------------------------------------------- symbolic checks
+
+class SymbolicChecker:
+  """Runs math-verify comparisons in worker processes, each under a wall-clock and memory bound.
+
+  A request goes to an idle worker over a pipe; if no reply comes within `timeout_s` the
+  worker is killed (SIGKILL, so even C-level sympy/gmpy loops stop) and restarted before its
+  next use, and the result is "timeout". A worker that dies (e.g. on its address-space limit
+  of `memory_mb`) gives "crashed". Nothing here uses signals, so `run` works from any thread;
+  `workers` requests run at once, further callers wait for a free worker. Results are cached
+  per request, so the 64 samples of one problem that agree cost one comparison.
+  """
+
+  def __init__(self, workers: int = 1, timeout_s: float = 5.0, memory_mb: int = 2048,
+               start_timeout_s: float = 120.0, cache_size: int = 100_000):
+    if workers < 1 or timeout_s <= 0:
+      raise ValueError(f"need workers >= 1 and timeout_s > 0, got {workers}, {timeout_s}")
+    self.timeout_s = timeout_s
+    self._idle: queue.LifoQueue = queue.LifoQueue()
+    for _ in range(workers):
+      self._idle.put(_Worker(memory_mb, start_timeout_s))
+    self._cache: dict = {}
+    self._cache_size = cache_size
+    self._lock = threading.Lock()
+
+  def run(self, request: tuple) -> tuple[str, object]:
+    """(status, value): status "ok" with the worker's answer, else "timeout" or "crashed"."""
+    with self._lock:
+      if request in self._cache:
+        return self._cache[request]
+    worker = self._idle.get()
+    try:
+      result = worker.call(request, self.timeout_s)
+    finally:
+      self._idle.put(worker)
+    with self._lock:
+      if len(self._cache) >= self._cache_size:
+        self._cache.clear()
+      self._cache[request] = result
+    return result
+
+  def close(self) -> None:
+    """Stops the workers (a later `run` starts them again)."""
+    workers = []
+    while True:
+      try:
+        workers.append(self._idle.get_nowait())
+      except queue.Empty:
+        break
+    for w in workers:
+      w.stop()
+      self._idle.put(w)
+
+  def __enter__(self) -> SymbolicChecker:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+class _Worker:
+  """One worker process and its pipes; started on first use and after a kill."""
+
+  def __init__(self, memory_mb: int, start_timeout_s: float):
+    self.memory_mb, self.start_timeout_s = memory_mb, start_timeout_s
+    self.process = self.send = self.recv = None
+
+  def call(self, request: tuple, timeout_s: float) -> tuple[str, object]:
+    if self.process is None or self.process.poll() is not None:
+      self._start()
+    try:
+      self.send.send(request)
+      if self.recv.poll(timeout_s):
+        return self.recv.recv()
+    except (EOFError, OSError):
+      self.stop()
+      return "crashed", None
+    self.stop()
+    return "timeout", None
+
+  def _start(self) -> None:
+    # A plain subprocess, not multiprocessing: spawn would re-run the caller's __main__ (a
+    # script without a main guard would recurse), and fork would copy a parent holding
+    # JAX/XLA threads mid-state.
+    self.stop()
+    to_child, from_parent = os.pipe()
+    from_child, to_parent = os.pipe()
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    code = "import sys; from jaxdistill.eval import grade; grade._worker_main(*sys.argv[1:])"
+    self.process = subprocess.Popen(
+        [sys.executable, "-c", code, str(to_child), str(to_parent), str(self.memory_mb)],
+        pass_fds=(to_child, to_parent), env=env, stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.close(to_child)
+    os.close(to_parent)
+    self.send = connection.Connection(from_parent, readable=False)
+    self.recv = connection.Connection(from_child, writable=False)
+    try:
+      hello = self.recv.recv() if self.recv.poll(self.start_timeout_s) else "no reply"
+    except EOFError:
+      hello = "exited"
+    if hello != "ready":
+      self.stop()
+      raise RuntimeError(f"the symbolic grading worker did not start: {hello}")
+
+  def stop(self) -> None:
+    if self.process is not None:
+      self.process.kill()
+      self.process.wait()
+      self.send.close()
+      self.recv.close()
+    self.process = self.send = self.recv = None
+
+
+def _worker_main(read_fd: str, write_fd: str, memory_mb: str) -> None:
+  """The worker loop: answers ("equal" | "integer", gold, pred, allow_relation) requests."""
+  import resource
+  recv = connection.Connection(int(read_fd), writable=False)
+  send = connection.Connection(int(write_fd), readable=False)
+  limit = int(memory_mb) << 20
+  if limit:
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (limit if hard < 0 else min(limit, hard), hard))
+  logging.getLogger("math_verify").setLevel(logging.CRITICAL)
+  try:  # loaded before "ready", so start-up is not timed as comparison work
+    importlib.import_module("math_verify")
+  except ImportError as e:
+    send.send(f"cannot import math_verify ({e}); pip install math-verify")
+    return
+  send.send("ready")
+  while True:
+    try:
+      mode, gold, pred, allow_relation = recv.recv()
+    except EOFError:  # the parent is gone
+      return
+    try:
+      value = _symbolic(mode, gold, pred, allow_relation)
+      send.send(("ok", value))
+    except MemoryError:
+      send.send(("crashed", None))
+    except Exception as e:  # a parser bug must not take the grading run down with it
+      send.send(("ok", (None if mode == "integer" else False, f"error: {type(e).__name__}")))
+
+
+def _symbolic(mode: str, gold: str, pred: str, allow_relation: bool) -> tuple:
+  import math_verify
+  import sympy
+  config = [math_verify.LatexExtractionConfig(boxed_match_priority=0)]
+
+  def parse(text):
+    return math_verify.parse("\\boxed{" + text + "}", config, fallback_mode="no_fallback",
+                             parsing_timeout=None)
+
+  pred_parsed = parse(pred)
+  if not pred_parsed:
+    return (None if mode == "integer" else False), "answer did not parse"
+  if mode == "integer":
+    expr = pred_parsed[0]
+    if not isinstance(expr, sympy.Expr) or not expr.is_number:
+      return None, "not a number"
+    # A float is taken at its exact value: 33.0 is 33, 32.9999999999 is not.
+    value = sympy.Rational(expr) if expr.is_Float else sympy.simplify(expr)
+    return (int(value), None) if value.is_Integer else (None, "not an integer")
+  gold_parsed = parse(gold)
+  if not gold_parsed:
+    return False, "gold did not parse"
+  equal = math_verify.verify(gold_parsed, pred_parsed, strict=True, timeout_seconds=None,
+                             allow_set_relation_comp=allow_relation)
+  return bool(equal), None
+
+
+_default: SymbolicChecker | None = None
+_default_lock = threading.Lock()
+
+
+def default_checker() -> SymbolicChecker:
+  """The process-wide checker `grade` uses when given none (one worker, 5 s per comparison)."""
+  global _default
+  with _default_lock:
+    if _default is None:
+      _default = SymbolicChecker()
+      atexit.register(_default.close)
+    return _default
