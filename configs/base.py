@@ -8,7 +8,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.mode = "train"  # "train" | "eval" | "train_and_eval"
+  c.mode = "train"  # "train" | "eval" (init weights only) | "train_and_eval" (eval at the end)
   c.seed = 0  # parameter init and data order
 
   # Initialisation, first that applies: resume from --workdir > init.checkpoint > init.hf_dir
@@ -68,4 +68,20 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.profile_steps = (0, 0)  # [start, stop) steps traced by jax.profiler; (0, 0) = off
   c.train.compilation_cache_dir = ""  # persistent XLA compilation cache, e.g. ~/.cache/jaxdistill
   c.train.inject_nan_at_step = -1  # testing aid: poison the loss at this step
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.tasks = "aime24"  # comma-separated: aime24, aime25, amc23, math500
+  c.eval.num_samples = 64  # samples per problem; pass@1 is their mean (avg@n)
+  c.eval.temperature = 0.6
+  c.eval.top_p = 0.95
+  c.eval.top_k = 0  # 0 = off
+  c.eval.max_new_tokens = 32768
+  c.eval.greedy = True  # also one greedy sample per problem
+  c.eval.batch_size = 8  # prompts per sampler batch
+  c.eval.limit = 0  # first N problems per task (0 = all)
+  c.eval.instruction = "Please reason step by step, and put your final answer within \\boxed{}."
+  c.eval.seed = 0
+  c.eval.compute_dtype = "float32"  # fp32 evaluation: bf16 can move AIME scores by points
+  c.eval.cache_dtype = "float32"  # KV cache dtype
+  c.eval.grading_workers = 2  # processes for symbolic (MATH) answer comparison
   return c

@@ -1,4 +1,5 @@
-"""Builds a run from its config (typed settings, checks, mesh, initial model, data) and runs it."""
+"""Builds a run from its config (typed settings, checks, mesh, initial model, data) and runs
+its mode: train, eval, or train then eval."""
 
 from __future__ import annotations
 
@@ -10,14 +11,15 @@ import subprocess
 
 import jax
 import ml_collections
+from flax import nnx
 
-from jaxdistill import checkpoint, hf, model as model_lib, sharding, train
-from jaxdistill.data import builder
+from jaxdistill import checkpoint, evaluate, hf, model as model_lib, sharding, train
+from jaxdistill.data import builder, chat
+from jaxdistill.sampler import Sampler
 from jaxdistill.model_config import ModelConfig, get_preset
 from jaxdistill.optimizer import OptimConfig
 
-# "eval" and "train_and_eval" arrive with the sampler and the evaluation tasks.
-MODES = ("train",)
+MODES = ("train", "eval", "train_and_eval")
 
 
 def model_overrides(c: ml_collections.ConfigDict) -> dict:
@@ -156,6 +158,10 @@ def main(c: ml_collections.ConfigDict, workdir: str) -> train.TrainResult | None
   validate(c, cfg, tuple(mesh.shape.values()))
   logging.info("mesh %s; model %s, %s parameters; init: %s", sharding.describe(mesh),
                cfg.model_type, f"{cfg.num_params():,}", source)
+  if c.mode == "eval":
+    model = initial_model(c, cfg, source, mesh) if not source.startswith("resume") else (
+        checkpoint.load_model(workdir, mesh, **model_overrides(c)))
+    return run_eval(c, model, workdir, source)
   data = builder.build_training_data(c, workdir)
   num_steps = data.num_steps
   logging.info("training %d steps of %d rows x %d tokens", num_steps,
@@ -167,4 +173,39 @@ def main(c: ml_collections.ConfigDict, workdir: str) -> train.TrainResult | None
                      eval_data=data.validation, log=logging.info)
   if result.preempted:
     logging.info("stopped by a signal at step %d; run the same command to resume", result.step)
+    return result
+  if c.mode == "train_and_eval":
+    run_eval(c, checkpoint.load_model(workdir, mesh, **model_overrides(c)), workdir,
+             f"{workdir} step {result.step}")
   return result
+
+
+def eval_config(c) -> evaluate.EvalConfig:
+  e = c.eval
+  return evaluate.EvalConfig(
+      tasks=tuple(t.strip() for t in e.tasks.split(",") if t.strip()),
+      num_samples=e.num_samples, temperature=e.temperature, top_p=e.top_p, top_k=e.top_k,
+      max_new_tokens=e.max_new_tokens, greedy=e.greedy, batch_size=e.batch_size,
+      limit=e.limit, instruction=e.instruction, seed=e.seed, cache_dtype=e.cache_dtype,
+      grading_workers=e.grading_workers)
+
+
+def run_eval(c, model, workdir: str, source: str) -> dict:
+  """Evaluates `model` on `eval.tasks` into workdir/eval/ (resumable)."""
+  ecfg = eval_config(c)
+  tokenizer_path = c.data.tokenizer or c.init.hf_dir
+  if not tokenizer_path:
+    raise ValueError("evaluation needs a tokenizer: set data.tokenizer or init.hf_dir")
+  renderer = chat.ChatRenderer(chat.load_tokenizer(tokenizer_path), c.data.chat_template)
+  if renderer.tokenizer.vocab_size > model.config.vocab_size:
+    raise ValueError(f"the tokenizer ({tokenizer_path}) has {renderer.tokenizer.vocab_size} "
+                     f"tokens but the model only {model.config.vocab_size}: they do not belong "
+                     "together")
+  if c.eval.compute_dtype != model.config.compute_dtype:
+    graphdef_model = model_lib.abstract_model(model.config.replace(
+        compute_dtype=c.eval.compute_dtype))
+    model = nnx.merge(nnx.graphdef(graphdef_model), nnx.state(model))
+  description = {"init": source, "compute_dtype": model.config.compute_dtype,
+                 "param_dtype": model.config.param_dtype, "cache_dtype": ecfg.cache_dtype}
+  return evaluate.evaluate(Sampler.from_model(model), renderer, ecfg, workdir,
+                           model_description=description, log=logging.info)

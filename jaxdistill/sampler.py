@@ -32,6 +32,9 @@ class SamplingConfig:
   max_new_tokens: int = 1024
   stop_ids: tuple[int, ...] = ()  # any of these ends a row (it is kept in the output)
   cache_dtype: str = "float32"  # "float32" | "bfloat16"
+  # Tokens the tokenizer knows (0 = all). Checkpoints pad the vocabulary (Qwen2.5: 151,936
+  # rows for 151,665 tokens); ids past the tokenizer's are never sampled.
+  vocab_size: int = 0
 
   def __post_init__(self):
     if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
@@ -171,6 +174,9 @@ def _sample(graphdef, params, tokens_BP, lengths_B, key, *, n, cache_len, cache_
 
   def body(state):
     step, cache, logits, done, out, counts = state
+    if cfg.vocab_size:
+      known = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) < cfg.vocab_size
+      logits = jnp.where(known, logits, -jnp.inf)
     token = sample_token(logits, jax.random.fold_in(key, step), cfg.temperature, cfg.top_k,
                          cfg.top_p)
     token = jnp.where(done, 0, token)

@@ -126,3 +126,11 @@ def test_generate_file_resumes_to_the_same_output(tiny_qwen2_dir, tmp_path):
   generate.generate_file(sampler, renderer, str(prompts), str(cut), cfg, num_samples=2,
                          batch_size=2)
   assert cut.read_text() == full.read_text()
+
+
+def test_ids_past_the_tokenizer_vocabulary_are_never_sampled(tiny_qwen2_dir):
+  sampler = Sampler.from_model(hf.load_hf_model(tiny_qwen2_dir))  # 320 rows
+  cfg = SamplingConfig(temperature=5.0, top_p=1.0, max_new_tokens=30, vocab_size=40)
+  got = sampler.generate(_prompts([5, 8]), cfg, num_samples=4)
+  ids = np.concatenate([s.tokens for x in got for s in x])
+  assert ids.max() < 40 and len(set(ids.tolist())) > 10

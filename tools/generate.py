@@ -47,7 +47,7 @@ def main(argv):
                          f"{model.config.vocab_size}: they do not belong together")
   cfg = SamplingConfig(temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k,
                        max_new_tokens=FLAGS.max_new_tokens, stop_ids=generate.stop_ids(renderer),
-                       cache_dtype=FLAGS.dtype)
+                       cache_dtype=FLAGS.dtype, vocab_size=tokenizer.vocab_size)
   n = generate.generate_file(Sampler.from_model(model), renderer, FLAGS.prompts, FLAGS.output,
                              cfg, num_samples=FLAGS.num_samples, seed=FLAGS.seed,
                              batch_size=FLAGS.batch_size, use_chat_template=FLAGS.chat_template,

@@ -1,0 +1,164 @@
+"""Evaluation of a model on the bundled tasks: sample, grade, and write summary, report and plot.
+
+For each task, `workdir/eval/<task>/` receives `prompts.jsonl`, `generations.jsonl` (and
+`greedy.jsonl`), `summary.json`, and `budget.png` (maj@k against average output tokens, the
+O1-Journey measure); `workdir/eval/report.md` has one table for all tasks. Generations are
+appended as batches finish and a rerun continues from them, so a preempted evaluation loses
+at most one batch and ends with the same summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Callable
+
+from jaxdistill import generate
+from jaxdistill.data import chat
+from jaxdistill.eval import grade as grade_lib, metrics, tasks
+from jaxdistill.sampler import Sampler, SamplingConfig
+
+TASK_KINDS = {"aime24": "aime", "aime25": "aime", "amc23": "amc", "math500": "math"}
+DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  tasks: tuple[str, ...] = ("aime24",)
+  num_samples: int = 64  # samples per problem (pass@1 is averaged over them)
+  temperature: float = 0.6
+  top_p: float = 0.95
+  top_k: int = 0
+  max_new_tokens: int = 32768
+  greedy: bool = True  # also one greedy sample per problem
+  batch_size: int = 8  # prompts per sampler batch
+  limit: int = 0  # first N problems of each task (0 = all)
+  instruction: str = DEFAULT_INSTRUCTION  # appended to each problem in the user turn
+  seed: int = 0
+  cache_dtype: str = "float32"
+  grading_workers: int = 2  # processes for symbolic (MATH) comparisons
+
+  def __post_init__(self):
+    unknown = [t for t in self.tasks if t not in TASK_KINDS]
+    if unknown:
+      raise ValueError(f"unknown evaluation task(s) {unknown}; choose from {sorted(TASK_KINDS)}")
+    if self.num_samples < 1:
+      raise ValueError(f"eval.num_samples={self.num_samples} must be positive")
+
+
+def write_prompts(task: str, cfg: EvalConfig, path: str) -> list[dict]:
+  rows = tasks.load_task(task)
+  if cfg.limit:
+    rows = rows[:cfg.limit]
+  out = [{"id": r["id"], "answer": r["answer"],
+          "prompt": f"{r['problem']}\n{cfg.instruction}" if cfg.instruction else r["problem"]}
+         for r in rows]
+  with open(path, "w", encoding="utf-8") as f:
+    for row in out:
+      f.write(json.dumps(row, ensure_ascii=False) + "\n")
+  return out
+
+
+def grade_file(path: str, kind: str, checker) -> tuple[list[list], list[list[int]]]:
+  """Per-problem verdicts and output token counts of a generations file."""
+  problems, tokens = [], []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      row = json.loads(line)
+      samples = [(r, row["answer"], fr) for r, fr in zip(row["response"], row["finish_reason"])]
+      problems.append(grade_lib.grade_all(samples, kind, checker=checker))
+      tokens.append([len(t) for t in row["completion_token_ids"]])
+  return problems, tokens
+
+
+def evaluate(sampler: Sampler, renderer: chat.ChatRenderer, cfg: EvalConfig, workdir: str, *,
+             model_description: dict, log: Callable[[str], None] = logging.info) -> dict:
+  """Runs every task of `cfg`; returns {task: summary}."""
+  stops = generate.stop_ids(renderer)
+  sampled = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                           max_new_tokens=cfg.max_new_tokens, stop_ids=stops,
+                           cache_dtype=cfg.cache_dtype,
+                           vocab_size=renderer.tokenizer.vocab_size)
+  greedy = dataclasses.replace(sampled, temperature=0.0, top_p=1.0, top_k=0)
+  checker = grade_lib.SymbolicChecker(workers=cfg.grading_workers)
+  summaries = {}
+  try:
+    for task in cfg.tasks:
+      task_dir = os.path.join(workdir, "eval", task)
+      os.makedirs(task_dir, exist_ok=True)
+      prompts = os.path.join(task_dir, "prompts.jsonl")
+      write_prompts(task, cfg, prompts)
+      log(f"{task}: sampling {cfg.num_samples} per problem (temperature {cfg.temperature}, "
+          f"top-p {cfg.top_p}, up to {cfg.max_new_tokens} tokens)")
+      generations = os.path.join(task_dir, "generations.jsonl")
+      generate.generate_file(sampler, renderer, prompts, generations, sampled,
+                             num_samples=cfg.num_samples, seed=cfg.seed,
+                             batch_size=cfg.batch_size, log=log)
+      greedy_verdicts = None
+      if cfg.greedy:
+        greedy_path = os.path.join(task_dir, "greedy.jsonl")
+        generate.generate_file(sampler, renderer, prompts, greedy_path, greedy,
+                               batch_size=cfg.batch_size, log=log)
+        greedy_verdicts = [vs[0] for vs in grade_file(greedy_path, TASK_KINDS[task], checker)[0]]
+      problems, tokens = grade_file(generations, TASK_KINDS[task], checker)
+      summary = metrics.summarize(problems, tokens=tokens, greedy=greedy_verdicts)
+      summary.update(task=task, kind=TASK_KINDS[task], model=model_description,
+                     sampling=dataclasses.asdict(sampled), num_samples=cfg.num_samples,
+                     instruction=cfg.instruction)
+      with open(os.path.join(task_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+      _plot_budget(summary, task, os.path.join(task_dir, "budget.png"))
+      log(f"{task}: accuracy {summary['accuracy']:.3f} (avg@{cfg.num_samples}), greedy "
+          f"{summary.get('greedy_accuracy')}, mean output tokens "
+          f"{summary.get('mean_output_tokens', 0):.0f}")
+      summaries[task] = summary
+  finally:
+    checker.close()
+  write_report(summaries, os.path.join(workdir, "eval", "report.md"))
+  return summaries
+
+
+def write_report(summaries: dict, path: str) -> None:
+  lines = ["| task | problems | n | avg@n | greedy | maj@n | pass@n | mean tokens | truncated "
+           "| no answer |", "|---|---|---|---|---|---|---|---|---|---|"]
+  for task, s in summaries.items():
+    n = str(max(int(k) for k in s["maj@k"]))
+    greedy = "-" if s.get("greedy_accuracy") is None else f"{s['greedy_accuracy']:.1%}"
+    lines.append(
+        f"| {task} | {s['problems']} | {s['n_min']} | {s['avg@n']:.1%} | {greedy} | "
+        f"{s['maj@k'][n]:.1%} | {s['pass@k'][n]:.1%} | {s.get('mean_output_tokens', 0):,.0f} | "
+        f"{s['truncation_rate']:.1%} | {s['extraction_failure_rate']:.1%} |")
+  if summaries:
+    any_summary = next(iter(summaries.values()))
+    model = any_summary["model"]
+    sampling = any_summary["sampling"]
+    lines += ["", f"Model: {json.dumps(model)}", "",
+              f"Sampling: temperature {sampling['temperature']}, top-p {sampling['top_p']}, "
+              f"top-k {sampling['top_k']}, up to {sampling['max_new_tokens']} new tokens, "
+              f"KV cache {sampling['cache_dtype']}."]
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def _plot_budget(summary: dict, task: str, path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  points = summary.get("budget") or []
+  if not points:
+    return
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  ax.plot([p["tokens"] for p in points], [100 * p["maj@k"] for p in points], marker="o")
+  for p in points:
+    ax.annotate(f"k={p['k']}", (p["tokens"], 100 * p["maj@k"]), fontsize=7,
+                textcoords="offset points", xytext=(3, -10))
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("average output tokens per problem (k samples)")
+  ax.set_ylabel(f"{task} maj@k accuracy (%)")
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
