@@ -1,1 +1,1 @@
-"""Evaluation: the bundled AIME/AMC/MATH task sets (tasks), and in time grading and reports."""
+"""Evaluation: the bundled AIME/AMC/MATH task sets, answer extraction, grading and metrics."""
