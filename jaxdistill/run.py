@@ -161,7 +161,7 @@ def main(c: ml_collections.ConfigDict, workdir: str) -> train.TrainResult | None
   if c.mode == "eval":
     model = initial_model(c, cfg, source, mesh) if not source.startswith("resume") else (
         checkpoint.load_model(workdir, mesh, **model_overrides(c)))
-    return run_eval(c, model, workdir, source)
+    return run_eval(c, model, workdir, source, mesh)
   data = builder.build_training_data(c, workdir)
   num_steps = data.num_steps
   logging.info("training %d steps of %d rows x %d tokens", num_steps,
@@ -176,7 +176,7 @@ def main(c: ml_collections.ConfigDict, workdir: str) -> train.TrainResult | None
     return result
   if c.mode == "train_and_eval":
     run_eval(c, checkpoint.load_model(workdir, mesh, **model_overrides(c)), workdir,
-             f"{workdir} step {result.step}")
+             f"{workdir} step {result.step}", mesh)
   return result
 
 
@@ -190,7 +190,7 @@ def eval_config(c) -> evaluate.EvalConfig:
       grading_workers=e.grading_workers)
 
 
-def run_eval(c, model, workdir: str, source: str) -> dict:
+def run_eval(c, model, workdir: str, source: str, mesh) -> dict:
   """Evaluates `model` on `eval.tasks` into workdir/eval/ (resumable)."""
   ecfg = eval_config(c)
   tokenizer_path = c.data.tokenizer or c.init.hf_dir
@@ -207,5 +207,5 @@ def run_eval(c, model, workdir: str, source: str) -> dict:
     model = nnx.merge(nnx.graphdef(graphdef_model), nnx.state(model))
   description = {"init": source, "compute_dtype": model.config.compute_dtype,
                  "param_dtype": model.config.param_dtype, "cache_dtype": ecfg.cache_dtype}
-  return evaluate.evaluate(Sampler.from_model(model), renderer, ecfg, workdir,
+  return evaluate.evaluate(Sampler.from_model(model, mesh), renderer, ecfg, workdir,
                            model_description=description, log=logging.info)

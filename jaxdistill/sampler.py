@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxdistill import sharding
 from jaxdistill.kvcache import KVCache
 from jaxdistill.model import Transformer
 
@@ -86,13 +87,16 @@ class Sampler:
   num_kv_heads: int
   head_dim: int
   max_positions: int
+  mesh: jax.sharding.Mesh | None = None  # sample sharded like training: batch over data
 
   @classmethod
-  def from_model(cls, model: Transformer) -> Sampler:
+  def from_model(cls, model: Transformer, mesh: jax.sharding.Mesh | None = None) -> Sampler:
+    """`mesh`: the mesh the model's parameters live on; rows are then split over its
+    data-parallel axes (the batch is padded to a multiple of them)."""
     graphdef, params = nnx.split(model)
     cfg = model.config
     return cls(graphdef, params, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-               cfg.max_position_embeddings)
+               cfg.max_position_embeddings, mesh)
 
   def generate(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *,
                num_samples: int = 1, seed: int = 0,
@@ -124,6 +128,10 @@ class Sampler:
     return out
 
   def _generate_batch(self, prompts, cfg: SamplingConfig, n: int, key) -> list[list[Sample]]:
+    real = len(prompts)
+    if self.mesh is not None:  # pad the batch so the data-parallel axes divide it
+      dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+      prompts = list(prompts) + [[0]] * (-len(prompts) % dp)
     b = len(prompts)
     p = bucket(max(len(x) for x in prompts))
     cache_len = p + cfg.max_new_tokens
@@ -132,19 +140,27 @@ class Sampler:
     for i, x in enumerate(prompts):
       tokens[i, :len(x)] = x
     dtype = jnp.bfloat16 if cfg.cache_dtype == "bfloat16" else jnp.float32
-    generated, counts, stopped = _sample(
-        self.graphdef, self.params, jnp.asarray(tokens), jnp.asarray(lengths), key, n=n,
-        cache_len=cache_len, cache_dtype=dtype, cfg=cfg,
-        cache_shape=(self.num_layers, self.num_kv_heads, self.head_dim))
+    run = functools.partial(
+        _sample, self.graphdef, self.params, key=key, n=n, cache_len=cache_len,
+        cache_dtype=dtype, cfg=cfg, cache_shape=(self.num_layers, self.num_kv_heads,
+                                                 self.head_dim))
+    if self.mesh is None:
+      generated, counts, stopped = run(jnp.asarray(tokens), jnp.asarray(lengths))
+    else:
+      rows = sharding.batch_sharding(self.mesh)
+      with jax.set_mesh(self.mesh):
+        generated, counts, stopped = run(
+            jax.device_put(tokens, rows),
+            jax.device_put(lengths, sharding.batch_sharding(self.mesh, 1)))
     generated, counts, stopped = map(np.asarray, (generated, counts, stopped))
     return [[Sample(generated[i * n + j, :counts[i * n + j]].copy(),
                     "stop" if stopped[i * n + j] else "length") for j in range(n)]
-            for i in range(b)]
+            for i in range(real)]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "n", "cache_len", "cache_dtype", "cfg",
                                              "cache_shape"))
-def _sample(graphdef, params, tokens_BP, lengths_B, key, *, n, cache_len, cache_dtype, cfg,
+def _sample(graphdef, params, tokens_BP, lengths_B, *, key, n, cache_len, cache_dtype, cfg,
             cache_shape):
   """Prefill the B prompts, copy each to its n samples, decode. Returns (tokens [Bn, N],
   counts [Bn], stopped [Bn])."""

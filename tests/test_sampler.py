@@ -134,3 +134,16 @@ def test_ids_past_the_tokenizer_vocabulary_are_never_sampled(tiny_qwen2_dir):
   got = sampler.generate(_prompts([5, 8]), cfg, num_samples=4)
   ids = np.concatenate([s.tokens for x in got for s in x])
   assert ids.max() < 40 and len(set(ids.tolist())) > 10
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2)])
+def test_sharded_sampling_equals_unsharded(mesh_shape, tiny_qwen2_dir):
+  from jaxdistill import sharding
+  prompts = _prompts([5, 17, 9], seed=5)  # 3 prompts: padded to the data-parallel size
+  want = Sampler.from_model(hf.load_hf_model(tiny_qwen2_dir)).generate(prompts, GREEDY)
+  mesh = sharding.make_mesh(mesh_shape)
+  sampler = Sampler.from_model(hf.load_hf_model(tiny_qwen2_dir, mesh), mesh)
+  got = sampler.generate(prompts, GREEDY)
+  assert len(got) == 3
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a[0].tokens, b[0].tokens)
