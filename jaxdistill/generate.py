@@ -3,8 +3,8 @@
 Each input line is `{"prompt": str}` (raw text, or the user turn when the chat template is
 on) or `{"messages": [...]}`, plus any other fields, which are copied to the output. Each
 output line adds `response`, `completion_token_ids` and `finish_reason`, one entry per
-sample. Output lines are appended as batches finish and a rerun skips the prompts already
-written, so an interrupted run loses at most one batch.
+sample. Output lines are appended as blocks of prompts finish and a rerun skips the prompts
+already written, so an interrupted run loses at most one block.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from jaxdistill.data import chat
 from jaxdistill.model import Transformer
 from jaxdistill.sampler import Sampler, SamplingConfig
 
-DEFAULT_PROMPT_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
+BLOCK_BATCHES = 4  # sampler batches of prompts per output block
 
 
 def load_model(init: str, mesh=None, **overrides) -> Transformer:
@@ -62,14 +62,14 @@ def stop_ids(renderer: chat.ChatRenderer) -> tuple[int, ...]:
   return tuple(dict.fromkeys(ids))
 
 
-def count_done(output: str, batch_size: int) -> int:
-  """Lines already in `output`, cut back to whole batches (a torn batch is dropped), so a
-  rerun samples each remaining batch with the seed an uninterrupted run would have used."""
+def count_done(output: str, block: int) -> int:
+  """Lines already in `output`, cut back to whole blocks (a torn block is dropped), so a
+  rerun samples each remaining block with the seed an uninterrupted run would have used."""
   if not os.path.exists(output):
     return 0
   with open(output, "rb") as f:
     lines = f.read().split(b"\n")[:-1]  # the text after the last newline is torn
-  keep = len(lines) - len(lines) % batch_size
+  keep = len(lines) - len(lines) % block
   with open(output, "wb") as f:
     f.write(b"".join(line + b"\n" for line in lines[:keep]))
   return keep
@@ -81,7 +81,10 @@ def generate_file(sampler: Sampler, renderer: chat.ChatRenderer, prompts_path: s
                   log: Callable[[str], None] = logging.info) -> int:
   """Samples every prompt of `prompts_path` into `output`; returns the lines written now."""
   rows = read_prompts(prompts_path)
-  done = count_done(output, batch_size)
+  # Prompts are handed to the sampler in blocks of several batches, so finished rows are
+  # refilled from the block (continuous batching); output is written, and resumed, by block.
+  block = batch_size * BLOCK_BATCHES
+  done = count_done(output, block)
   if done > len(rows):
     raise ValueError(f"{output} has {done} lines but {prompts_path} only {len(rows)} prompts; "
                      "it belongs to another prompts file")
@@ -90,12 +93,13 @@ def generate_file(sampler: Sampler, renderer: chat.ChatRenderer, prompts_path: s
   start, tokens_out = time.perf_counter(), 0
   written = 0
   with open(output, "a", encoding="utf-8") as f:
-    for b in range(done, len(rows), batch_size):
-      batch = rows[b:b + batch_size]
+    for b in range(done, len(rows), block):
+      batch = rows[b:b + block]
       ids = [prompt_tokens(r, renderer, use_chat_template) for r in batch]
-      # Each batch gets its own seed offset: the samples do not depend on where a rerun
+      # Each block gets its own seed offset: the samples do not depend on where a rerun
       # resumed.
-      samples = sampler.generate(ids, cfg, num_samples=num_samples, seed=seed + b)
+      samples = sampler.generate(ids, cfg, num_samples=num_samples, seed=seed + b,
+                                 batch_size=batch_size)
       for row, s in zip(batch, samples):
         out = dict(row)
         out["response"] = [renderer.tokenizer.decode(x.tokens.tolist()) for x in s]

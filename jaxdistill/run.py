@@ -149,6 +149,9 @@ def optim_config(c, num_steps: int) -> OptimConfig:
 
 def main(c: ml_collections.ConfigDict, workdir: str) -> train.TrainResult | None:
   """Runs `c.mode` in `workdir`."""
+  if "demo" in c:  # configs/demo.py: the distillation demo runs its own phases
+    from jaxdistill.demo import run as demo_run  # pylint: disable=g-import-not-at-top
+    return demo_run.main(c, workdir)
   if c.train.compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(
         c.train.compilation_cache_dir))

@@ -2,14 +2,16 @@
 
 Prompts are right-padded to a power-of-two bucket P and prefilled in one call; each row's
 cache then continues at its own prompt length, so the padding slots (segment 0, never
-attended to) are overwritten by the answer. The decode loop runs on device until every row
-has produced a stop token or `max_new_tokens`, and compiles once per (batch, P, cache
-length, sampling settings). With `num_samples` > 1 each prompt is prefilled once and its
-cache rows copied to its samples.
+attended to) are overwritten by the answer. Decoding runs on device in chunks of steps;
+between chunks, prompts whose samples have all finished (a stop id or `max_new_tokens`)
+are collected and their rows refilled with waiting prompts (continuous batching). Prefill,
+refill and decode each compile once per (batch, P, cache length, sampling settings). With
+`num_samples` > 1 each prompt is prefilled once and its cache rows copied to its samples.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -100,15 +102,22 @@ class Sampler:
 
   def generate(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *,
                num_samples: int = 1, seed: int = 0,
-               batch_size: int | None = None) -> list[list[Sample]]:
-    """Samples `num_samples` continuations of each prompt.
+               batch_size: int | None = None, decode_chunk: int = 16) -> list[list[Sample]]:
+    """Samples `num_samples` continuations of each prompt, with continuous batching.
+
+    `batch_size` prompts (each with its `num_samples` rows) decode together; whenever all
+    rows of a prompt have finished, the next waiting prompt is prefilled into its rows, so
+    long-tail samples do not idle the batch. Each sample draws from its own random stream
+    (seed, prompt index, sample index, step), so results do not depend on `batch_size` or on
+    which rows a prompt lands in.
 
     Args:
       prompts: token ids of each prompt.
       cfg: sampling settings.
-      num_samples: continuations per prompt.
+      num_samples: continuations per prompt (the prompt is prefilled once for all of them).
       seed: the same seed, prompts and settings give the same samples.
-      batch_size: prompts per device batch (default: all at once).
+      batch_size: prompts decoding at once (default: all).
+      decode_chunk: decode steps between checks for finished prompts.
     Returns:
       For each prompt, its samples.
     """
@@ -119,94 +128,161 @@ class Sampler:
       raise ValueError(
           f"a prompt of {longest} tokens plus max_new_tokens={cfg.max_new_tokens} exceeds the "
           f"model's {self.max_positions} positions; shorten the prompt or max_new_tokens")
-    batch_size = batch_size or len(prompts)
-    out: list[list[Sample]] = []
-    for start in range(0, len(prompts), batch_size):
-      chunk = list(prompts[start:start + batch_size])
-      key = jax.random.fold_in(jax.random.key(seed), start)
-      out.extend(self._generate_batch(chunk, cfg, num_samples, key))
-    return out
-
-  def _generate_batch(self, prompts, cfg: SamplingConfig, n: int, key) -> list[list[Sample]]:
-    real = len(prompts)
-    if self.mesh is not None:  # pad the batch so the data-parallel axes divide it
+    n = num_samples
+    slots = min(batch_size or len(prompts), len(prompts))
+    if self.mesh is not None:  # prompts (and so rows) must divide over the data axes
       dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-      prompts = list(prompts) + [[0]] * (-len(prompts) % dp)
-    b = len(prompts)
-    p = bucket(max(len(x) for x in prompts))
-    cache_len = p + cfg.max_new_tokens
-    tokens = np.zeros((b, p), np.int32)
-    lengths = np.array([len(x) for x in prompts], np.int32)
-    for i, x in enumerate(prompts):
-      tokens[i, :len(x)] = x
-    dtype = jnp.bfloat16 if cfg.cache_dtype == "bfloat16" else jnp.float32
-    run = functools.partial(
-        _sample, self.graphdef, self.params, key=key, n=n, cache_len=cache_len,
-        cache_dtype=dtype, cfg=cfg, cache_shape=(self.num_layers, self.num_kv_heads,
-                                                 self.head_dim))
+      slots += -slots % dp
+    p = bucket(longest)
+    static = dict(graphdef=self.graphdef, n=n, cache_len=p + cfg.max_new_tokens,
+                  cache_dtype=jnp.bfloat16 if cfg.cache_dtype == "bfloat16" else jnp.float32,
+                  cfg=cfg, cache_shape=(self.num_layers, self.num_kv_heads, self.head_dim))
+    base_key = jax.random.key(seed)
+    results: list[list[Sample] | None] = [None] * len(prompts)
+    waiting = list(range(len(prompts)))
+    owner = [-1] * slots  # prompt index decoding in each slot
+    state = None
+    with self._mesh_context():
+      while waiting or any(o >= 0 for o in owner):
+        free = [s for s in range(slots) if owner[s] < 0]
+        if waiting and free:
+          tokens = np.zeros((slots, p), np.int32)
+          lengths = np.ones((slots,), np.int32)
+          fill = np.zeros((slots,), bool)
+          ids = np.zeros((slots,), np.int32)
+          for s in free[:len(waiting)]:
+            i = waiting.pop(0)
+            owner[s], fill[s], ids[s] = i, True, i
+            tokens[s, :len(prompts[i])] = prompts[i]
+            lengths[s] = len(prompts[i])
+          fresh = _prefill(self.params, self._put(tokens), self._put(lengths), self._put(ids),
+                           base_key, **static)
+          state = fresh if state is None else _insert(state, fresh, self._put(fill), n=n)
+        state = _decode(self.params, state, steps=decode_chunk, **static)
+        done = np.asarray(state.done).reshape(slots, n)
+        for s in range(slots):
+          if owner[s] >= 0 and done[s].all():
+            results[owner[s]] = self._collect(state, s, n)
+            owner[s] = -1
+        if not waiting and all(o < 0 for o in owner):
+          break
+    return results
+
+  def _mesh_context(self):
+    return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+  def _put(self, x: np.ndarray):
     if self.mesh is None:
-      generated, counts, stopped = run(jnp.asarray(tokens), jnp.asarray(lengths))
-    else:
-      rows = sharding.batch_sharding(self.mesh)
-      with jax.set_mesh(self.mesh):
-        generated, counts, stopped = run(
-            jax.device_put(tokens, rows),
-            jax.device_put(lengths, sharding.batch_sharding(self.mesh, 1)))
-    generated, counts, stopped = map(np.asarray, (generated, counts, stopped))
-    return [[Sample(generated[i * n + j, :counts[i * n + j]].copy(),
-                    "stop" if stopped[i * n + j] else "length") for j in range(n)]
-            for i in range(real)]
+      return jnp.asarray(x)
+    return jax.device_put(x, sharding.batch_sharding(self.mesh, x.ndim))
+
+  @staticmethod
+  def _collect(state: _DecodeState, slot: int, n: int) -> list[Sample]:
+    rows = slice(slot * n, slot * n + n)
+    out, counts, stopped = (np.asarray(x[rows]) for x in (state.out, state.count,
+                                                         state.stopped))
+    return [Sample(out[j, :counts[j]].copy(), "stop" if stopped[j] else "length")
+            for j in range(n)]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "n", "cache_len", "cache_dtype", "cfg",
-                                             "cache_shape"))
-def _sample(graphdef, params, tokens_BP, lengths_B, *, key, n, cache_len, cache_dtype, cfg,
-            cache_shape):
-  """Prefill the B prompts, copy each to its n samples, decode. Returns (tokens [Bn, N],
-  counts [Bn], stopped [Bn])."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _DecodeState:
+  """Everything the decode loop carries, one entry per row (R = prompts x samples)."""
+  cache: KVCache
+  logits: jax.Array  # [R, V] next-token logits
+  lengths: jax.Array  # [R] prompt length
+  keys: jax.Array  # [R] the row's random stream (prompt index, sample index)
+  count: jax.Array  # [R] tokens generated
+  done: jax.Array  # [R] bool
+  stopped: jax.Array  # [R] bool: ended on a stop id
+  out: jax.Array  # [R, N] generated ids
+
+
+_STATIC = ("graphdef", "n", "cache_len", "cache_dtype", "cfg", "cache_shape")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _prefill(params, tokens_SP, lengths_S, prompt_ids_S, base_key, *, graphdef, n, cache_len,
+             cache_dtype, cfg, cache_shape) -> _DecodeState:
+  """Prefills S prompts once and lays each out as its n sample rows."""
   model = nnx.merge(graphdef, params)
-  b, p = tokens_BP.shape
+  b, p = tokens_SP.shape
   layers, kv_heads, head_dim = cache_shape
   cache = KVCache.zeros(layers, b, cache_len, kv_heads, head_dim, cache_dtype)
   positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-  segments = (positions < lengths_B[:, None]).astype(jnp.int32)
-  hidden_BPD, cache = model(tokens_BP, positions, segments, cache, return_hidden=True)
-  last_B1D = jnp.take_along_axis(hidden_BPD, (lengths_B - 1)[:, None, None], axis=1)
-  logits_BV = model.unembed(last_B1D)[:, 0]
-  cache = cache.replace(end_index=lengths_B)
-  if n > 1:
-    cache = KVCache(k=jnp.repeat(cache.k, n, axis=1), v=jnp.repeat(cache.v, n, axis=1),
-                    positions=jnp.repeat(cache.positions, n, axis=0),
-                    segment_ids=jnp.repeat(cache.segment_ids, n, axis=0),
-                    end_index=jnp.repeat(cache.end_index, n, axis=0))
-    logits_BV = jnp.repeat(logits_BV, n, axis=0)
-    lengths_B = jnp.repeat(lengths_B, n, axis=0)
+  segments = (positions < lengths_S[:, None]).astype(jnp.int32)
+  hidden_BPD, cache = model(tokens_SP, positions, segments, cache, return_hidden=True)
+  last_B1D = jnp.take_along_axis(hidden_BPD, (lengths_S - 1)[:, None, None], axis=1)
+  logits = model.unembed(last_B1D)[:, 0]
+  rep = lambda x, axis=0: jnp.repeat(x, n, axis=axis)  # noqa: E731
+  cache = KVCache(k=rep(cache.k, 1), v=rep(cache.v, 1), positions=rep(cache.positions),
+                  segment_ids=rep(cache.segment_ids), end_index=rep(lengths_S))
   rows = b * n
+  sample_ids = jnp.tile(jnp.arange(n, dtype=jnp.int32), b)
+  keys = jax.vmap(lambda i, j: jax.random.fold_in(jax.random.fold_in(base_key, i), j))(
+      rep(prompt_ids_S), sample_ids)
+  return _DecodeState(cache=cache, logits=rep(logits), lengths=rep(lengths_S), keys=keys,
+                      count=jnp.zeros((rows,), jnp.int32), done=jnp.zeros((rows,), bool),
+                      stopped=jnp.zeros((rows,), bool),
+                      out=jnp.zeros((rows, cfg.max_new_tokens), jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("n",), donate_argnums=0)
+def _insert(state: _DecodeState, fresh: _DecodeState, fill_S: jax.Array, *, n: int):
+  """Rows of slots marked in `fill_S` take the freshly prefilled state; others keep theirs."""
+  fill = jnp.repeat(fill_S, n)
+
+  def pick(old, new):
+    axis = 1 if old.ndim == 5 else 0  # cache k/v are [L, R, S, K, H]
+    shape = [1] * old.ndim
+    shape[axis] = fill.shape[0]
+    return jnp.where(fill.reshape(shape), new, old)
+
+  return jax.tree.map(pick, state, fresh)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("steps",), donate_argnums=1)
+def _decode(params, state: _DecodeState, *, steps, graphdef, n, cache_len, cache_dtype, cfg,
+            cache_shape) -> _DecodeState:
+  """Up to `steps` decode steps for every unfinished row."""
+  del n, cache_len, cache_dtype, cache_shape
+  model = nnx.merge(graphdef, params)
+  rows = state.lengths.shape[0]
   stop_ids = jnp.asarray(cfg.stop_ids if cfg.stop_ids else (-1,), jnp.int32)
 
-  def cond(state):
-    step, _, _, done, _, _ = state
-    return (step < cfg.max_new_tokens) & ~jnp.all(done)
+  def cond(carry):
+    i, st = carry
+    return (i < steps) & ~jnp.all(st.done)
 
-  def body(state):
-    step, cache, logits, done, out, counts = state
+  def body(carry):
+    i, st = carry
+    logits = st.logits
     if cfg.vocab_size:
       known = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) < cfg.vocab_size
       logits = jnp.where(known, logits, -jnp.inf)
-    token = sample_token(logits, jax.random.fold_in(key, step), cfg.temperature, cfg.top_k,
-                         cfg.top_p)
-    token = jnp.where(done, 0, token)
-    out = out.at[:, step].set(token)
-    counts = counts + (~done).astype(jnp.int32)
-    done = done | jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
-    pos = (lengths_B + step)[:, None]
-    seg = jnp.ones((rows, 1), jnp.int32)
-    new_logits, cache = model(token[:, None], pos, seg, cache)
-    return step + 1, cache, new_logits[:, 0], done, out, counts
+    step_keys = jax.vmap(jax.random.fold_in)(st.keys, st.count)
+    token = jax.vmap(lambda l, k: sample_token(l[None], k, cfg.temperature, cfg.top_k,
+                                               cfg.top_p)[0])(logits, step_keys)
+    active = ~st.done
+    token = jnp.where(active, token, 0)
+    write_at = jnp.minimum(st.count, cfg.max_new_tokens - 1)
+    out = st.out.at[jnp.arange(rows), write_at].set(
+        jnp.where(active, token, st.out[jnp.arange(rows), write_at]))
+    count = st.count + active.astype(jnp.int32)
+    hit_stop = active & jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
+    done = st.done | hit_stop | (count >= cfg.max_new_tokens)
+    # Finished rows still run through the model (the batch is dense); their cache writes are
+    # clamped at the end of their own row and they are refilled before being read again.
+    pos = (st.lengths + jnp.minimum(st.count, cfg.max_new_tokens - 1))[:, None]
+    cache = st.cache.replace(end_index=jnp.minimum(st.lengths + st.count, _cache_len(st) - 1))
+    new_logits, cache = model(token[:, None], pos, jnp.ones((rows, 1), jnp.int32), cache)
+    return i + 1, dataclasses.replace(st, cache=cache, logits=new_logits[:, 0], count=count,
+                                      done=done, stopped=st.stopped | hit_stop, out=out)
 
-  init = (jnp.zeros((), jnp.int32), cache, logits_BV, jnp.zeros((rows,), bool),
-          jnp.zeros((rows, cfg.max_new_tokens), jnp.int32), jnp.zeros((rows,), jnp.int32))
-  _, _, _, done, out, counts = jax.lax.while_loop(cond, body, init)
-  last = jnp.take_along_axis(out, jnp.maximum(counts - 1, 0)[:, None], axis=1)[:, 0]
-  stopped = done & jnp.any(last[:, None] == stop_ids[None, :], axis=-1)
-  return out, counts, stopped
+  _, state = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state))
+  return state
+
+
+def _cache_len(state: _DecodeState) -> int:
+  return state.cache.k.shape[2]

@@ -147,3 +147,24 @@ def test_sharded_sampling_equals_unsharded(mesh_shape, tiny_qwen2_dir):
   assert len(got) == 3
   for a, b in zip(got, want):
     np.testing.assert_array_equal(a[0].tokens, b[0].tokens)
+
+
+def test_refilled_rows_give_the_same_samples_as_a_fresh_batch(tiny_llama_dir):
+  sampler = Sampler.from_model(hf.load_hf_model(tiny_llama_dir))
+  prompts = _prompts([3, 12, 7, 20, 5], seed=6)
+  # Sampling among 30 ids, 5 of them stops: samples end after a few steps, at different
+  # steps, so prompts finish at different times and rows get refilled.
+  cfg = SamplingConfig(temperature=1.0, top_p=0.95, max_new_tokens=12, vocab_size=30,
+                       stop_ids=(3, 4, 5, 6, 7))
+  all_at_once = sampler.generate(prompts, cfg, num_samples=2, seed=3)
+  two_slots = sampler.generate(prompts, cfg, num_samples=2, seed=3, batch_size=2,
+                               decode_chunk=3)
+  one_slot = sampler.generate(prompts, cfg, num_samples=2, seed=3, batch_size=1)
+  lengths = set()
+  for a, b, c in zip(all_at_once, two_slots, one_slot):
+    for x, y, z in zip(a, b, c):
+      np.testing.assert_array_equal(x.tokens, y.tokens)
+      np.testing.assert_array_equal(x.tokens, z.tokens)
+      assert x.finish_reason == y.finish_reason == z.finish_reason
+      lengths.add(len(x.tokens))
+  assert len(lengths) > 2  # rows really finished at different times

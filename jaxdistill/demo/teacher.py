@@ -7,9 +7,11 @@ the final answer is a copy rather than a reversal. Each trace ends its thinking 
 verification ("Wait, let me verify: ..."), and now and then contains a slip it corrects.
 
 Families, easiest first:
+  add2: column addition of two 2-digit numbers (for quick tests);
   add: column addition of two 2-4 digit numbers;
   mul: a 2-4 digit number times a digit 2-9;
-  lineq: a x + b = c for integer x (a in 2..9), solved by subtracting b then dividing by a.
+  lineq: a x + b = c for integer x in -6..12 (a in 2..9, b in 1..9), solved by subtracting b
+    then dividing by a.
 
 The held-out problems are drawn first, from their own stream; training problems are drawn
 after and any problem whose key is held out is rejected, so the two never overlap.
@@ -22,7 +24,7 @@ import random
 from collections.abc import Sequence
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-FAMILIES = ("add", "mul", "lineq")
+FAMILIES = ("add", "mul", "lineq")  # the demo's; "add2" (2-digit addition) is for quick tests
 SLIP_RATE = 0.1  # share of traces with one corrected slip
 
 
@@ -36,12 +38,14 @@ def user_turn(problem: str) -> str:
 
 def draw(family: str, rng: random.Random) -> tuple:
   """A problem key: the family and its operands."""
+  if family == "add2":  # the "add" family's traces on 2-digit numbers only
+    return ("add", rng.randint(10, 99), rng.randint(10, 99))
   if family == "add":
     return ("add", _number(rng), _number(rng))
   if family == "mul":
     return ("mul", _number(rng), rng.randint(2, 9))
   if family == "lineq":
-    a, x, b = rng.randint(2, 9), rng.randint(-9, 19), rng.randint(1, 30)
+    a, x, b = rng.randint(2, 9), rng.randint(-6, 12), rng.randint(1, 9)
     return ("lineq", a, b, a * x + b)
   raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
 
@@ -102,11 +106,12 @@ def _mul_steps(a: int, d: int, slip_at: int | None) -> list[str]:
       break
     x = a % 10
     p = x * d + carry
-    line = f"Step {i}: {a}*{d}, last digit {x}*{d}+{carry}="
+    line = f"Step {i}: {a}*{d}, last digit {x}*{d}="
     if i == slip_at:
-      line += f"{p + d}. No wait, {x}*{d}={x * d}, plus {carry} is "
+      line += f"{x * d + d}. No wait, {x}*{d}="
     so_far = f"{p % 10}{so_far}"
-    steps.append(line + f"{p}, write {p % 10}, carry {p // 10}, so far {so_far}.")
+    steps.append(line + f"{x * d}, plus carry {carry} is {p}, write {p % 10}, carry {p // 10}, "
+                 f"so far {so_far}.")
     a, carry, i = a // 10, p // 10, i + 1
   return steps
 

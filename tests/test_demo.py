@@ -1,0 +1,94 @@
+"""The distillation demo: teacher traces are right and disjoint from the held-out set, and a short
+end-to-end run trains a student that beats its untrained self and writes every report file."""
+
+import json
+import os
+import random
+import re
+
+import pytest
+
+from jaxdistill.demo import teacher
+from jaxdistill.eval import grade as grade_lib
+
+
+def _steps_result(text: str) -> str:
+  """The last 'so far' number of an add/mul trace: what the digit steps built."""
+  return re.findall(r"so far (\d+)\.", text)[-1]
+
+
+@pytest.mark.parametrize("family", teacher.FAMILIES)
+def test_traces_are_correct_and_verified(family):
+  rng = random.Random(family)
+  for i in range(300):
+    key = teacher.draw(family, rng)
+    messages = teacher.trace(key, slip=i % 3 == 0)
+    user, assistant = messages[0]["content"], messages[1]["content"]
+    assert user == teacher.user_turn(teacher.problem_text(key))
+    assert user.endswith("put your final answer within \\boxed{}.")
+    assert assistant.startswith("<think>\n") and "\n</think>\n\n" in assistant
+    thinking, final = assistant.split("</think>")
+    assert "Wait, let me verify:" in thinking and "Correct." in thinking
+    assert ("No wait" in thinking) == (i % 3 == 0 and (family == "lineq" or "Step 2:" in
+                                                        thinking))
+    # The boxed answer is the true one, and the grader the demo uses agrees.
+    a = key[1:]
+    truth = {"add": lambda: a[0] + a[1], "mul": lambda: a[0] * a[1],
+             "lineq": lambda: (a[2] - a[1]) / a[0]}[family]()
+    assert truth == teacher.answer(key) and f"\\boxed{{{teacher.answer(key)}}}" in final
+    assert grade_lib.grade(assistant, str(teacher.answer(key)), "amc").correct
+    if family != "lineq":
+      assert _steps_result(thinking) == str(teacher.answer(key))
+
+
+def test_held_out_never_in_training():
+  held = teacher.held_out(teacher.FAMILIES, 50, seed=3)
+  keys = {teacher.key_of(r) for r in held}
+  assert len(keys) == len(held) == 150
+  assert {r["family"] for r in held} == set(teacher.FAMILIES)
+  assert all(r["answer"] == str(teacher.answer(teacher.key_of(r))) for r in held)
+  train = teacher.training(teacher.FAMILIES, 5000, seed=3, exclude=keys)
+  train_users = {t["messages"][0]["content"] for t in train}
+  assert not train_users & {teacher.user_turn(r["problem"]) for r in held}
+  # The exclusion is doing work: without it the streams do collide on the small lineq family.
+  unfiltered = teacher.training(teacher.FAMILIES, 5000, seed=3, exclude=set())
+  assert {t["messages"][0]["content"] for t in unfiltered} & {
+      teacher.user_turn(r["problem"]) for r in held}
+
+
+def test_thinking_is_long_enough():
+  traces = teacher.training(teacher.FAMILIES, 300, seed=0, exclude=set())
+  # Characters as a proxy for tokens (digits are one token each, words about one per 4 chars).
+  assert sum(len(t["messages"][1]["content"]) for t in traces) / len(traces) > 300
+
+
+def test_demo_end_to_end(tmp_path):
+  from configs import demo as demo_config
+  from jaxdistill import run
+  c = demo_config.get_config()
+  c.demo.families = "add"
+  c.demo.num_steps = 150
+  c.demo.num_traces = 1500
+  c.demo.eval_per_family = 24
+  c.demo.maj_k = 2
+  c.demo.max_new_tokens = 200
+  c.demo.model.d_model = 64
+  c.demo.model.num_layers = 2
+  c.demo.model.mlp_dim = 192
+  c.data.seq_len = 256
+  c.train.loss_chunk = 256
+  c.train.checkpoint_every = 75
+  workdir = str(tmp_path / "demo")
+  summary = run.main(c, workdir)
+  assert summary["greedy_accuracy"]["overall"] >= summary["untrained_accuracy"]["overall"] + 0.3
+  for name in ("report.md", "summary.json", "loss.png", "metrics.jsonl", "demo/greedy.jsonl",
+               "demo/untrained_greedy.jsonl", "demo/maj.jsonl", "data/tokenizer.model"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+  with open(os.path.join(workdir, "summary.json")) as f:
+    assert json.load(f)["greedy_accuracy"] == summary["greedy_accuracy"]
+  with open(os.path.join(workdir, "loss.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  report = open(os.path.join(workdir, "report.md")).read()
+  assert "| add |" in report and "| overall |" in report
+  # A second call reports the finished run instead of training again.
+  assert run.main(c, workdir) == summary
