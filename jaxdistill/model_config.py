@@ -252,6 +252,11 @@ PRESETS: dict[str, ModelConfig] = {
         model_type="qwen2", vocab_size=512, d_model=64, num_layers=2, num_heads=4,
         num_kv_heads=2, head_dim=16, mlp_dim=128, rms_eps=1e-6, max_position_embeddings=2048,
         qkv_bias=True, tie_embeddings=True),
+    # The model every benchmark in tools/ compares against its peer on CPU.
+    "bench": ModelConfig(
+        model_type="llama", vocab_size=8192, d_model=256, num_layers=4, num_heads=8,
+        num_kv_heads=4, head_dim=32, mlp_dim=768, rms_eps=1e-5, max_position_embeddings=4096,
+        bos_token_id=1, eos_token_id=2),
     "llama3_2_1b": _llama3(2048, 16, 32, 8192, tied=True, factor=32.0),
     "llama3_1_8b": _llama3(4096, 32, 32, 14336, tied=False, factor=8.0),
     "llama3_1_70b": _llama3(8192, 80, 64, 28672, tied=False, factor=8.0),

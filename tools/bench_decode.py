@@ -25,7 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxdistill import hf  # noqa: E402
-from jaxdistill.model_config import ModelConfig, get_preset  # noqa: E402
+from jaxdistill.model_config import get_preset  # noqa: E402
 from jaxdistill.sampler import Sampler, SamplingConfig  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -37,9 +37,6 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights, compute
 flags.DEFINE_integer("repeats", 3, "Timed runs per setting (median).")
 flags.DEFINE_bool("vs_hf", True, "Also time transformers generate.")
 
-BENCH = ModelConfig(model_type="llama", vocab_size=8192, d_model=256, num_layers=4,
-                    num_heads=8, num_kv_heads=4, head_dim=32, mlp_dim=768, rms_eps=1e-5,
-                    max_position_embeddings=4096, bos_token_id=1, eos_token_id=2)
 
 
 def _median_time(fn, repeats):
@@ -64,7 +61,7 @@ def main(argv):
   del argv
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  cfg = BENCH if FLAGS.preset == "bench" else get_preset(FLAGS.preset)
+  cfg = get_preset(FLAGS.preset)
   device = "cuda" if torch.cuda.is_available() else "cpu"
   tdtype = torch.bfloat16 if FLAGS.dtype == "bfloat16" else torch.float32
   torch.manual_seed(0)

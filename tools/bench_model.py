@@ -25,21 +25,17 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jaxdistill import hf, metrics  # noqa: E402
-from jaxdistill.model_config import ModelConfig, get_preset  # noqa: E402
+from jaxdistill.model_config import get_preset  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("preset", "bench", "'bench' (d=256, 4 layers, 8/4 heads, MLP 768, vocab "
-                    "8192) or a preset name from model_config.PRESETS.")
+flags.DEFINE_string("preset", "bench", "A model_config.PRESETS name; 'bench' is d=256, "
+                    "4 layers, 8/4 heads, MLP 768, vocab 8192.")
 flags.DEFINE_integer("batch", 8, "Sequences per forward.")
 flags.DEFINE_integer("seq", 256, "Tokens per sequence.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype.")
 flags.DEFINE_integer("iters", 20, "Timed forwards per framework (after warm-up).")
 flags.DEFINE_bool("vs_hf", True, "Also time transformers PyTorch on the same weights.")
 
-BENCH = ModelConfig(model_type="llama", vocab_size=8192, d_model=256, num_layers=4,
-                    num_heads=8, num_kv_heads=4, head_dim=32, mlp_dim=768, rms_eps=1e-5,
-                    rope_theta=10000.0, max_position_embeddings=4096, bos_token_id=1,
-                    eos_token_id=2)
 
 
 def _time(fn, iters):
@@ -57,7 +53,7 @@ def main(argv):
   del argv
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  cfg = BENCH if FLAGS.preset == "bench" else get_preset(FLAGS.preset)
+  cfg = get_preset(FLAGS.preset)
   torch_device = "cuda" if torch.cuda.is_available() else "cpu"
   torch_dtype = torch.bfloat16 if FLAGS.dtype == "bfloat16" else torch.float32
   torch.manual_seed(0)

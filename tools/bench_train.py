@@ -28,7 +28,7 @@ from flax import nnx  # noqa: E402
 
 from jaxdistill import hf, metrics, model as model_lib, sharding, train  # noqa: E402
 from jaxdistill.data import pipeline  # noqa: E402
-from jaxdistill.model_config import ModelConfig, get_preset  # noqa: E402
+from jaxdistill.model_config import get_preset  # noqa: E402
 from jaxdistill.optimizer import OptimConfig, make_optimizer, make_schedule  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -43,9 +43,6 @@ flags.DEFINE_integer("steps", 10, "Timed steps (after two warm-up steps).")
 flags.DEFINE_list("mesh", ["1", "-1", "1"], "data,fsdp,tp.")
 flags.DEFINE_bool("vs_hf", False, "Also time transformers PyTorch eager + torch AdamW.")
 
-BENCH = ModelConfig(model_type="llama", vocab_size=8192, d_model=256, num_layers=4,
-                    num_heads=8, num_kv_heads=4, head_dim=32, mlp_dim=768, rms_eps=1e-5,
-                    max_position_embeddings=4096, bos_token_id=1, eos_token_id=2)
 
 
 def _settings():
@@ -55,7 +52,7 @@ def _settings():
     c = config_flags.config_flags._ConfigFileParser(name="config").parse(FLAGS.config)  # pylint: disable=protected-access
     cfg, _ = run.resolve_model_config(c, tempfile.mkdtemp())
     return cfg, c.train.global_batch_size, c.data.seq_len, c.train.loss_chunk
-  cfg = BENCH if FLAGS.preset == "bench" else get_preset(FLAGS.preset)
+  cfg = get_preset(FLAGS.preset)
   cfg = cfg.replace(param_dtype="float32", compute_dtype=FLAGS.dtype, remat=FLAGS.remat)
   return cfg, FLAGS.batch, FLAGS.seq, FLAGS.loss_chunk
 
