@@ -8,12 +8,14 @@ A training workdir keeps its root at `<workdir>/checkpoints`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import time
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -111,6 +113,30 @@ DATA_STATE = "data_state"
 RUN_CONFIG = "run_config"
 
 
+def _all_process_states(state: dict) -> dict:
+  """Every process's data-iterator state, gathered so process 0 writes them all."""
+  if jax.process_count() == 1:
+    return {"process_count": 1, "states": [state]}
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  blob = np.frombuffer(json.dumps(state).encode(), np.uint8)
+  lengths = np.asarray(multihost_utils.process_allgather(np.array([blob.size], np.int32)))
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:blob.size] = blob
+  blobs = np.asarray(multihost_utils.process_allgather(padded))
+  return {"process_count": jax.process_count(),
+          "states": [json.loads(bytes(blobs[i, :int(lengths[i, 0])])) for i in range(len(blobs))]}
+
+
+def _own_state(saved: dict, root: str, step: int) -> dict:
+  if saved.get("process_count") != jax.process_count():
+    raise ValueError(
+        f"checkpoint {root}/{step} holds the data position of {saved.get('process_count')} "
+        f"processes, but this run has {jax.process_count()}: each process's place in the data "
+        "stream depends on the process count. Resume with the same number of processes (the "
+        "mesh may differ), or start a new workdir with init.checkpoint pointing at this one.")
+  return saved["states"][jax.process_index()]
+
+
 class TrainCheckpointer:
   """One CheckpointManager under `<workdir>/checkpoints` holding the whole train state.
 
@@ -133,7 +159,7 @@ class TrainCheckpointer:
         PARAMS: ocp.args.StandardSave(params),
         OPT_STATE: ocp.args.StandardSave(opt_state),
         MODEL_CONFIG: ocp.args.JsonSave(model_config.to_dict()),
-        DATA_STATE: ocp.args.JsonSave(data_state),
+        DATA_STATE: ocp.args.JsonSave(_all_process_states(data_state)),
         RUN_CONFIG: ocp.args.JsonSave(run_config),
     }), force=True)
 
@@ -162,7 +188,7 @@ class TrainCheckpointer:
         unreadable.append(step)
         continue
       self._set_aside(unreadable)
-      return step, got[PARAMS], got[OPT_STATE], got[DATA_STATE]
+      return step, got[PARAMS], got[OPT_STATE], _own_state(got[DATA_STATE], self.root, step)
     if unreadable:
       raise RuntimeError(f"no readable checkpoint under {self.root} (tried steps "
                          f"{unreadable}); move the directory away to start afresh")

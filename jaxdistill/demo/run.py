@@ -232,7 +232,10 @@ class _Times:
 
   def __init__(self, path: str):
     self.path = path
-    self.times = json.load(open(path)) if os.path.exists(path) else {}
+    self.times = {}
+    if os.path.exists(path):
+      with open(path) as f:
+        self.times = json.load(f)
 
   def add(self, phase: str, start: float) -> None:
     self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - start
