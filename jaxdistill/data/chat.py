@@ -37,6 +37,7 @@ The mask marks targets: `loss_mask[i]` says token i is to be predicted (from tok
 
 from __future__ import annotations
 
+import abc
 import collections
 import dataclasses
 import datetime
@@ -74,7 +75,7 @@ class TemplateError(FormatError):
 
 # -- Tokenizers -------------------------------------------------------------------------------
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
   """What the data pipeline needs from a tokenizer; build one with `load_tokenizer`.
 
   Attributes:
@@ -94,20 +95,21 @@ class Tokenizer:
   special_tokens: dict[str, str]
   chat_template: str | None
 
+  @abc.abstractmethod
   def encode(self, text: str) -> list[int]:
     """Token ids of `text`, special-token strings included; never adds BOS/EOS itself."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def decode(self, ids: Sequence[int]) -> str:
     """The text of `ids`, special tokens written out."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def token_to_id(self, token: str) -> int | None:
     """The id of the single token `token`, or None when the vocabulary lacks it."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def id_to_token(self, token_id: int) -> str | None:
-    raise NotImplementedError
+    """The token string of `token_id`, or None when out of range."""
 
   def __repr__(self):
     return f"{type(self).__name__}({self.path!r}, vocab_size={self.vocab_size})"
