@@ -87,7 +87,7 @@ def test_demo_end_to_end(tmp_path):
   c.demo.model.mlp_dim = 192
   c.data.seq_len = 256
   c.train.loss_chunk = 256
-  c.train.global_batch_size = 8  # conftest's 8 CPU devices are the data axis
+  c.demo.batch_size = 8  # conftest's 8 CPU devices are the data axis
   c.train.checkpoint_every = 100
   workdir = str(tmp_path / "demo")
   summary = run.main(c, workdir)

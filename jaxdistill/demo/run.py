@@ -38,7 +38,8 @@ KIND = "amc"  # signed integer answers
 
 
 def resolve(c: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-  """A copy of `c` with the preset's lengths filled in and the data paths in `workdir`."""
+  """A copy of `c` with the preset's lengths and the demo's batch filled in, and the data
+  paths in `workdir`."""
   c = ml_collections.ConfigDict(c.to_dict())
   d = c.demo
   if d.preset not in d.presets:
@@ -47,6 +48,7 @@ def resolve(c: ml_collections.ConfigDict, workdir: str) -> ml_collections.Config
   d.num_steps = d.num_steps or preset.num_steps
   d.num_traces = d.num_traces or preset.num_traces
   c.train.num_steps = d.num_steps
+  c.train.global_batch_size = d.batch_size
   c.data.sources = os.path.join(workdir, "data", "train.jsonl")
   c.data.tokenizer = os.path.join(workdir, "data", "tokenizer.model")
   return c
@@ -125,7 +127,7 @@ def train_student(c, workdir: str, cfg: ModelConfig, mesh) -> int:
   return result.step
 
 
-def evaluate(model, renderer: chat.ChatRenderer, held: list[dict], path: str, *,
+def evaluate(model, mesh, renderer: chat.ChatRenderer, held: list[dict], path: str, *,
              max_new_tokens: int, batch_size: int, num_samples: int = 1,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[dict]:
   """Samples and grades every held-out problem; the graded rows go to `path` (reused when
@@ -138,8 +140,8 @@ def evaluate(model, renderer: chat.ChatRenderer, held: list[dict], path: str, *,
                        stop_ids=generate.stop_ids(renderer), vocab_size=tokenizer.vocab_size)
   prompts = [renderer.encode_prompt([{"role": "user", "content": teacher.user_turn(
       r["problem"])}]).tolist() for r in held]
-  samples = Sampler.from_model(model).generate(prompts, cfg, num_samples=num_samples,
-                                               seed=seed, batch_size=batch_size)
+  samples = Sampler.from_model(model, mesh).generate(
+      prompts, cfg, num_samples=num_samples, seed=seed, batch_size=batch_size)
   end_think = tokenizer.token_to_id("</think>")
   rows = []
   with grade_lib.SymbolicChecker(workers=1) as checker:
@@ -209,15 +211,17 @@ def write_report(summary: dict, path: str) -> None:
       f"{summary['train_thinking_tokens']:.0f} thinking tokens); "
       f"{summary['heldout_per_family']} held-out problems per family, graded as "
       f"`{KIND}`.", "",
-      f"| family | untrained greedy | trained greedy | maj@{k} (T={summary['maj_temperature']}) "
-      "| mean thinking tokens |", "|---|---|---|---|---|"]
+      f"| family | untrained greedy | trained greedy | maj@{k} (T={summary['maj_temperature']}, "
+      f"first {summary['maj_per_family']}) | trained thinking tokens (greedy mean) |",
+      "|---|---|---|---|---|"]
   for f in [*fams, "overall"]:
     lines.append(f"| {f} | {pct((summary['untrained_accuracy'] or {}).get(f))} | "
                  f"{pct(summary['greedy_accuracy'][f])} | "
                  f"{pct((summary['maj_accuracy'] or {}).get(f))} | "
                  f"{summary['thinking_tokens'][f]:.0f} |")
   times = summary["wall_times_s"]
-  lines += ["", "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()), "",
+  lines += ["", f"Wall time (s) on {summary['devices']}: " + ", ".join(
+      f"{k} {v:.0f}" for k, v in times.items()) + " (phases only; start-up not counted)", "",
             f"Final training loss {summary['final_loss']:.4f}. Loss curve: `loss.png`; "
             "generations: `demo/*.jsonl`.", ""]
   with open(path, "w", encoding="utf-8") as f:
@@ -274,8 +278,8 @@ def main(c: ml_collections.ConfigDict, workdir: str) -> dict:
   untrained = None
   if d.untrained:
     start = time.perf_counter()
-    untrained = evaluate(model_lib.create_model(cfg, mesh, seed=c.seed), renderer, held,
-                         os.path.join(demo_dir, "untrained_greedy.jsonl"), **eval_args)
+    untrained = evaluate(model_lib.create_model(cfg, mesh, seed=c.seed), mesh, renderer,
+                         held, os.path.join(demo_dir, "untrained_greedy.jsonl"), **eval_args)
     times.add("eval_untrained", start)
     logging.info("untrained greedy accuracy %s", accuracy(untrained, fams))
 
@@ -285,7 +289,8 @@ def main(c: ml_collections.ConfigDict, workdir: str) -> dict:
 
   start = time.perf_counter()
   model = checkpoint.load_model(workdir, mesh)
-  greedy = evaluate(model, renderer, held, os.path.join(demo_dir, "greedy.jsonl"), **eval_args)
+  greedy = evaluate(model, mesh, renderer, held, os.path.join(demo_dir, "greedy.jsonl"),
+                    **eval_args)
   times.add("eval_greedy", start)
   logging.info("trained greedy accuracy %s", accuracy(greedy, fams))
   maj = None
@@ -293,7 +298,7 @@ def main(c: ml_collections.ConfigDict, workdir: str) -> dict:
     start = time.perf_counter()
     maj_held = [r for f in fams for r in [r for r in held if r["family"] == f][
         :d.maj_per_family]]
-    maj = evaluate(model, renderer, maj_held, os.path.join(demo_dir, "maj.jsonl"),
+    maj = evaluate(model, mesh, renderer, maj_held, os.path.join(demo_dir, "maj.jsonl"),
                    num_samples=d.maj_k, temperature=d.maj_temperature, top_p=d.maj_top_p,
                    seed=c.eval.seed, **eval_args)
     times.add("eval_maj", start)
@@ -315,6 +320,7 @@ def main(c: ml_collections.ConfigDict, workdir: str) -> dict:
       "untrained_accuracy": accuracy(untrained, fams) if untrained else None,
       "maj_accuracy": accuracy(maj, fams, "majority") if maj else None,
       "maj_k": d.maj_k, "maj_temperature": d.maj_temperature,
+      "maj_per_family": d.maj_per_family,
       "thinking_tokens": thinking, "train_thinking_tokens": train_thinking,
       "final_loss": final_loss, "wall_times_s": dict(times.times),
       "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",

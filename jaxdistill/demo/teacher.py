@@ -5,6 +5,8 @@ it: numbers are consumed from their last digit ("Step 2: 482 and 36. Last digits
 the carry is explicit, and the answer grows one digit at a time ("Result so far: 88"), so
 the final answer is a copy rather than a reversal. Each trace ends its thinking with a
 verification ("Wait, let me verify: ..."), and now and then contains a slip it corrects.
+The verification restates the inverse operation; a student learns to copy its expected result
+rather than compute it, so it does not catch the student's own errors (see the demo report).
 
 Families, easiest first:
   add2: column addition of two 2-digit numbers (for quick tests);
