@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from jaxdistill.data import builder, chat, formats, packing, pipeline, prepare, sources
+from jaxdistill.data import builder, chat, formats, packed_rows, packing, pipeline, prepare, sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSETS = os.path.join(ROOT, "jaxdistill", "assets")
@@ -190,7 +190,7 @@ def test_packed_rows_hold_every_example_once(mixed, renderer, tmp_path):
   path, _, _ = mixed
   stats = _prepare(path, tmp_path / "p", renderer, pack=True, pack_bins=4, workers=2)
   direct = _direct(path, renderer)
-  rows = prepare.PackedRows(str(tmp_path / "p"))
+  rows = packed_rows.PackedRows(str(tmp_path / "p"))
   assert len(rows) == stats["rows"] == packing.count_packed_rows(
       [len(t) for t, _ in direct], SEQ_LEN, num_bins=4)
   segments = []

@@ -12,20 +12,19 @@ bandwidth measured in the same run (a large array reduction). Prefill time is pr
 
 import os
 import sys
-import tempfile
-import time
 
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxdistill import hf  # noqa: E402
 from jaxdistill.model_config import get_preset  # noqa: E402
+import benchlib  # noqa: E402
 from jaxdistill.sampler import Sampler, SamplingConfig  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -39,38 +38,21 @@ flags.DEFINE_bool("vs_hf", True, "Also time transformers generate.")
 
 
 
-def _median_time(fn, repeats):
-  fn()  # compile / warm up
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
-
 
 def _read_bandwidth() -> float:
   """Bytes/s of a large reduction: what streaming weights from memory can reach here."""
   x = jnp.ones((64 * 2**20,), jnp.float32)  # 256 MiB
   f = jax.jit(jnp.sum)
-  seconds = _median_time(lambda: f(x).block_until_ready(), 5)
+  seconds = benchlib.median_time(lambda: f(x).block_until_ready(), 5)
   return x.nbytes / seconds
 
 
 def main(argv):
   del argv
   import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
   cfg = get_preset(FLAGS.preset)
   device = "cuda" if torch.cuda.is_available() else "cpu"
-  tdtype = torch.bfloat16 if FLAGS.dtype == "bfloat16" else torch.float32
-  torch.manual_seed(0)
-  hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf_config())
-  with tempfile.TemporaryDirectory() as tmp:
-    ref = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=tdtype)
-    ref.save_pretrained(tmp)
-    model = hf.load_hf_model(tmp, param_dtype=FLAGS.dtype, compute_dtype=FLAGS.dtype)
-  ref = ref.to(device).eval()
+  ref, model = benchlib.twin_models(cfg, FLAGS.dtype, device)
   sampler = Sampler.from_model(model)
   bandwidth = _read_bandwidth()
   itemsize = 2 if FLAGS.dtype == "bfloat16" else 4
@@ -83,7 +65,7 @@ def main(argv):
 
     def ours(n):
       c = SamplingConfig(temperature=0.0, max_new_tokens=n, cache_dtype=FLAGS.dtype)
-      return _median_time(lambda: sampler.generate(prompts, c), FLAGS.repeats)
+      return benchlib.median_time(lambda: sampler.generate(prompts, c), FLAGS.repeats)
 
     prefill = ours(1)
     ours_tps = b * (FLAGS.new_tokens - 1) / max(ours(FLAGS.new_tokens) - prefill, 1e-9)
@@ -102,7 +84,7 @@ def main(argv):
                          pad_token_id=0)
           if device == "cuda":
             torch.cuda.synchronize()
-        return _median_time(run, FLAGS.repeats)
+        return benchlib.median_time(run, FLAGS.repeats)
 
       t_prefill = theirs(1)
       theirs_tps = b * (FLAGS.new_tokens - 1) / max(theirs(FLAGS.new_tokens) - t_prefill, 1e-9)

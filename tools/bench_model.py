@@ -10,12 +10,11 @@ model FLOP utilisation against the device's bf16 peak.
 
 import os
 import sys
-import tempfile
-import time
 
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # Both frameworks share the accelerator in one process: JAX must not take 75% of it up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -24,8 +23,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from jaxdistill import hf, metrics  # noqa: E402
+from jaxdistill import metrics  # noqa: E402
 from jaxdistill.model_config import get_preset  # noqa: E402
+import benchlib  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "bench", "A model_config.PRESETS name; 'bench' is d=256, "
@@ -38,31 +38,13 @@ flags.DEFINE_bool("vs_hf", True, "Also time transformers PyTorch on the same wei
 
 
 
-def _time(fn, iters):
-  fn()  # warm-up / compile
-  fn()
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
-
 
 def main(argv):
   del argv
   import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
   cfg = get_preset(FLAGS.preset)
   torch_device = "cuda" if torch.cuda.is_available() else "cpu"
-  torch_dtype = torch.bfloat16 if FLAGS.dtype == "bfloat16" else torch.float32
-  torch.manual_seed(0)
-  hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf_config())
-  with tempfile.TemporaryDirectory() as tmp:
-    ref = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch_dtype)
-    ref.save_pretrained(tmp)
-    model = hf.load_hf_model(tmp, param_dtype=FLAGS.dtype, compute_dtype=FLAGS.dtype)
-  ref = ref.to(torch_device).eval()
+  ref, model = benchlib.twin_models(cfg, FLAGS.dtype, torch_device)
   graphdef, state = nnx.split(model)
   tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (FLAGS.batch, FLAGS.seq))
 
@@ -71,7 +53,8 @@ def main(argv):
     return nnx.merge(graphdef, state)(tokens)[0]
 
   jtokens = jnp.asarray(tokens)
-  jax_s = _time(lambda: forward(state, jtokens).block_until_ready(), FLAGS.iters)
+  jax_s = benchlib.median_time(lambda: forward(state, jtokens).block_until_ready(),
+                               FLAGS.iters, warmup=2)
   n_tokens = FLAGS.batch * FLAGS.seq
   flops = metrics.forward_flops_per_token(cfg, FLAGS.seq) * n_tokens
   device = jax.devices()[0]
@@ -99,7 +82,7 @@ def main(argv):
   want = torch_forward().float().cpu().numpy()
   got = np.asarray(forward(state, jtokens), np.float32)
   err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-6)
-  torch_s = _time(torch_forward, FLAGS.iters)
+  torch_s = benchlib.median_time(torch_forward, FLAGS.iters, warmup=2)
   print(f"transformers {torch_s * 1e3:9.2f} ms/forward  {n_tokens / torch_s:12,.0f} tokens/s  "
         f"{flops / torch_s / 1e9:9.1f} GFLOP/s")
   print(f"logits agree: max |diff| / max |logit| = {err:.2e}")

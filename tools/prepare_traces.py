@@ -11,7 +11,7 @@ in place of the raw traces (--config.data.sources=DIR), with no tokenizer work. 
 packing and the over-length policy still happen there, so seq_len may stay the same or shrink.
 With --pack, DIR gets rows-0000i-of-0000n.array_record instead: rows already packed to
 seq_len (the encoding is described in jaxdistill/data/prepare.py). Those rows are read by
-`jaxdistill.data.prepare.PackedRows(DIR)`, a Grain source of row dicts. The training pipeline
+`jaxdistill.data.packed_rows.PackedRows(DIR)`, a Grain source of row dicts. The training pipeline
 does not read packed rows yet.
 
 Either way DIR/stats.json records what was kept, truncated and dropped (by reason), the
@@ -43,7 +43,7 @@ flags.DEFINE_string("chat_template", "auto", "'auto', 'tokenizer', 'chatml', 'll
                     "Jinja template (data.chat_template).")
 flags.DEFINE_enum("overlong", "drop", list(packing.OVERLONG_POLICIES),
                   "Examples longer than seq_len: drop them, or keep their first seq_len tokens.")
-flags.DEFINE_bool("pack", False, "Write rows packed to seq_len (read by prepare.PackedRows, "
+flags.DEFINE_bool("pack", False, "Write rows packed to seq_len (read by packed_rows.PackedRows, "
                   "not by the training pipeline) instead of examples.")
 flags.DEFINE_integer("pack_bins", 16, "Rows open at once while packing.")
 flags.DEFINE_bool("strict", False, "Stop at the first bad record instead of skipping it.")
