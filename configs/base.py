@@ -21,13 +21,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.preset = "tiny"  # PRESETS name: random init, and the architecture to plan with
   c.model.param_dtype = "float32"  # parameter (and optimizer master) dtype
   c.model.compute_dtype = "bfloat16"  # matmul/activation dtype; float32 for exact tests
-  c.model.remat = "none"  # "none" | "full" | "save_dots" | "save_dots_no_batch"
+  c.model.remat = "none"  # "none" | "full" | "save_dots" | "save_dots_no_batch" | "offload_dots"
+  # "auto" (splash on TPU, Pallas on GPU, dense/blockwise on CPU by length) | "dense" |
+  # "blockwise" | "pallas_gpu" | "splash"; see jaxdistill/attention.py.
+  c.model.attention = "auto"
+  c.model.attention_block = 512
   c.model.rope_theta = 0.0  # > 0 overrides the checkpoint's (long traces on Qwen2.5-Math)
   c.model.max_position_embeddings = 0  # > 0 overrides the checkpoint's
 
-  # Device mesh: (data, fsdp, tp) sizes; one may be -1 = all remaining devices.
+  # Device mesh: (data, fsdp, context, tp) sizes; one may be -1 = all remaining devices.
+  # context > 1 splits every sequence across devices (context parallelism, for long traces).
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.shape = (1, -1, 1)
+  c.mesh.shape = (1, -1, 1, 1)
 
   c.data = ml_collections.ConfigDict()
   c.data.sources = ""  # comma-separated paths/globs; "path@weight" for a weighted mixture

@@ -28,7 +28,7 @@ def get_config():
   c = base.get_config()
   c.model.preset = "tiny"  # unused: the demo builds its student from demo.model
   c.model.compute_dtype = "float32"
-  c.mesh.shape = (-1, 1, 1)
+  c.mesh.shape = (-1, 1, 1, 1)
   c.data.chat_template = "chatml"
   c.data.seq_len = 384
   c.train.lr = 2e-3

@@ -17,7 +17,7 @@ def get_config():
   c.mode = "eval"
   c.model.preset = "qwen2_5_32b"  # the architecture of init.* (for planning and tests)
   c.model.compute_dtype = "float32"
-  c.mesh.shape = (1, -1, 1)
+  c.mesh.shape = (1, -1, 1, 1)
   c.eval.tasks = "aime24,aime25"
   c.eval.num_samples = 64
   c.eval.temperature = 0.6

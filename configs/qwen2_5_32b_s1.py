@@ -18,7 +18,7 @@ def get_config():
   c.model.param_dtype = "float32"
   c.model.compute_dtype = "bfloat16"
   c.model.remat = "full"
-  c.mesh.shape = (1, -1, 1)
+  c.mesh.shape = (1, -1, 1, 1)
   c.data.sources = "/data/s1K-1.1.parquet"
   c.data.format = "s1k"
   c.data.seq_len = 32768

@@ -17,7 +17,7 @@ def get_config():
   c.model.param_dtype = "float32"  # fp32 master weights
   c.model.compute_dtype = "bfloat16"
   c.model.remat = "full"
-  c.mesh.shape = (1, -1, 1)
+  c.mesh.shape = (1, -1, 1, 1)
   c.data.sources = "/data/traces.jsonl"
   c.data.seq_len = 16384
   c.train.global_batch_size = 96

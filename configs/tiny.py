@@ -20,7 +20,7 @@ def get_config():
   c = base.get_config()
   c.model.preset = "tiny"
   c.model.compute_dtype = "float32"
-  c.mesh.shape = (-1, 1, 1)
+  c.mesh.shape = (-1, 1, 1, 1)
   c.data.sources = os.path.join(ASSETS, "tiny_traces.jsonl")
   c.data.tokenizer = os.path.join(ASSETS, "tiny_tokenizer.model")
   c.data.chat_template = "chatml"

@@ -268,7 +268,7 @@ def load_hf_model(hf_dir: str, mesh=None, **config_overrides) -> Transformer:
 
   Args:
     hf_dir: directory with `config.json` and `*.safetensors`.
-    mesh: a ("data", "fsdp", "tp") mesh; None puts everything on the first device.
+    mesh: a ("data", "fsdp", "context", "tp") mesh; None puts everything on the first device.
     **config_overrides: ModelConfig fields to replace after reading config.json, e.g.
       `param_dtype="bfloat16"`, `rope_theta=3e5`, `max_position_embeddings=32768`.
   Returns:

@@ -9,11 +9,14 @@ global batch, which keeps packing and gradient accumulation exact.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from jaxdistill import attention
 
 
 def token_nll(logits_BCV: jax.Array, targets_BC: jax.Array):
@@ -36,7 +39,14 @@ def cross_entropy_sums(unembed: Callable[[jax.Array], jax.Array], hidden_BTD: ja
     chunk: tokens of the sequence per chunk; T is padded up to a multiple of it.
   Returns:
     (nll_sum, z_sum): float32 scalars.
+
+  With the sequence split over a "context" mesh axis of size C, each chunk takes chunk/C
+  tokens from every device's part of the sequence, so chunks never move hidden states
+  between devices.
   """
+  context = attention.context_size()
+  if context > 1:
+    return _context_sharded_sums(unembed, hidden_BTD, targets_BT, weights_BT, chunk, context)
   b, t, d = hidden_BTD.shape
   chunk = min(chunk, t)
   pad = -t % chunk
@@ -49,12 +59,17 @@ def cross_entropy_sums(unembed: Callable[[jax.Array], jax.Array], hidden_BTD: ja
   h = hidden_BTD.reshape(b, n, chunk, d).swapaxes(0, 1)
   y = targets_BT.reshape(b, n, chunk).swapaxes(0, 1)
   w = weights_BT.astype(jnp.float32).reshape(b, n, chunk).swapaxes(0, 1)
+  return _scan_chunks(unembed, h, y, w)
+
+
+def _scan_chunks(unembed, h, y, w):
+  """Sums over chunks [n, B, C, ...] with the output head recomputed in the backward pass."""
 
   def one_chunk(h_BCD, y_BC, w_BC):
     nll_BC, lse_BC = token_nll(unembed(h_BCD), y_BC)
     return jnp.sum(nll_BC * w_BC), jnp.sum(jnp.square(lse_BC) * w_BC)
 
-  if n == 1:  # one chunk holds what the naive loss would: recomputing it would only cost time
+  if h.shape[0] == 1:  # one chunk holds what the naive loss would: recomputing costs time only
     return one_chunk(h[0], y[0], w[0])
   one_chunk = jax.checkpoint(one_chunk)
 
@@ -65,6 +80,22 @@ def cross_entropy_sums(unembed: Callable[[jax.Array], jax.Array], hidden_BTD: ja
   zero = jnp.zeros((), jnp.float32)
   (nll_sum, z_sum), _ = jax.lax.scan(body, (zero, zero), (h, y, w))
   return nll_sum, z_sum
+
+
+def _context_sharded_sums(unembed, hidden_BTD, targets_BT, weights_BT, chunk, context):
+  b, t, d = hidden_BTD.shape
+  local = t // context
+  per_device = math.gcd(local, max(1, chunk // context))
+  n = local // per_device
+
+  def chunks(x_BT):  # [B, T, ...] -> [n, B, context * per_device, ...], device-major in a chunk
+    rest = x_BT.shape[2:]
+    x = x_BT.reshape((b, context, n, per_device) + rest)
+    x = jnp.moveaxis(x, 2, 0)
+    return x.reshape((n, b, context * per_device) + rest)
+
+  return _scan_chunks(unembed, chunks(hidden_BTD), chunks(targets_BT),
+                      chunks(weights_BT.astype(jnp.float32)))
 
 
 def naive_cross_entropy_sums(logits_BTV: jax.Array, targets_BT: jax.Array,

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxdistill import attention
+from jaxdistill.attention import attention_mask, dense_attention
 from jaxdistill.kvcache import KVCache, write_rows
 from jaxdistill.model_config import ModelConfig
 from jaxdistill.sharding import param_spec, shard
@@ -67,13 +69,6 @@ def apply_rope(x_BTNH: jax.Array, sin_BTh: jax.Array, cos_BTh: jax.Array) -> jax
   sin, cos = sin_BTh[:, :, None, :], cos_BTh[:, :, None, :]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BTNH.dtype)
-
-
-def attention_mask(q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS) -> jax.Array:
-  """[B, T, S] bool: same non-zero segment and key not after query."""
-  same = q_seg_BT[:, :, None] == k_seg_BS[:, None, :]
-  causal = k_pos_BS[:, None, :] <= q_pos_BT[:, :, None]
-  return same & causal & (k_seg_BS != 0)[:, None, :]
 
 
 # -- Layers -----------------------------------------------------------------------------------
@@ -120,8 +115,12 @@ class Attention(nnx.Module):
     self.k_proj = Dense("BTD,DKH->BTKH", (d, k, h), (k, h) if bias else None, cfg, rngs=rngs)
     self.v_proj = Dense("BTD,DKH->BTKH", (d, k, h), (k, h) if bias else None, cfg, rngs=rngs)
     self.o_proj = Dense("BTNH,NHD->BTD", (n, h, d), None, cfg, rngs=rngs)
+    self.impl, self.block = cfg.attention, cfg.attention_block
 
-  def __call__(self, x_BTD, sin, cos, mask_BTS, k_BSKH=None, v_BSKH=None, end_index_B=None):
+  def __call__(self, x_BTD, sin, cos, mask_BTS, k_BSKH=None, v_BSKH=None, end_index_B=None,
+               pos_seg=None):
+    """With a cache, attends through `mask_BTS` to the cache; without one, `mask_BTS` is None
+    and `pos_seg` = (positions, segment ids) of the sequence attending to itself."""
     q_BTNH = shard(apply_rope(self.q_proj(x_BTD), sin, cos), _BATCH_SEQ + ("heads", None))
     k_BTKH = apply_rope(self.k_proj(x_BTD), sin, cos)
     v_BTKH = self.v_proj(x_BTD)
@@ -131,29 +130,12 @@ class Attention(nnx.Module):
       k_att, v_att = k_BSKH.astype(x_BTD.dtype), v_BSKH.astype(x_BTD.dtype)
     else:
       k_att, v_att = k_BTKH, v_BTKH
-    out_BTNH = dot_attention(q_BTNH, k_att, v_att, mask_BTS)
+    if mask_BTS is None:
+      out_BTNH = attention.self_attention(q_BTNH, k_att, v_att, *pos_seg, impl=self.impl,
+                                          block=self.block)
+    else:
+      out_BTNH = dense_attention(q_BTNH, k_att, v_att, mask_BTS)
     return self.o_proj(out_BTNH), k_BSKH, v_BSKH
-
-
-def dot_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
-  """Dense grouped-query attention with a boolean mask; softmax in float32.
-
-  The G query heads sharing a kv head are laid out as G*T rows (M) of one matrix product
-  per (batch, kv head): plain batched matmuls, which XLA runs much faster than a dot with
-  two free dimensions on each side.
-  """
-  b, t, n, h = q_BTNH.shape
-  s, kv = k_BSKH.shape[1], k_BSKH.shape[2]
-  g = n // kv
-  q_BKMH = q_BTNH.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, h)
-  k_BKSH = k_BSKH.transpose(0, 2, 1, 3)
-  v_BKSH = v_BSKH.transpose(0, 2, 1, 3)
-  s_BKMS = jnp.matmul(q_BKMH, k_BKSH.swapaxes(-1, -2), preferred_element_type=jnp.float32)
-  s_BKGTS = s_BKMS.reshape(b, kv, g, t, s) * (h ** -0.5)
-  s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, jnp.finfo(jnp.float32).min)
-  p_BKMS = jax.nn.softmax(s_BKGTS, axis=-1).astype(v_BSKH.dtype).reshape(b, kv, g * t, s)
-  out_BKMH = jnp.matmul(p_BKMS, v_BKSH)
-  return out_BKMH.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 class MLP(nnx.Module):
@@ -177,9 +159,10 @@ class Block(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x_BTD, sin, cos, mask_BTS, k_BSKH=None, v_BSKH=None, end_index_B=None):
+  def __call__(self, x_BTD, sin, cos, mask_BTS, k_BSKH=None, v_BSKH=None, end_index_B=None,
+               pos_seg=None):
     attn, k_BSKH, v_BSKH = self.self_attn(self.input_layernorm(x_BTD), sin, cos, mask_BTS,
-                                          k_BSKH, v_BSKH, end_index_B)
+                                          k_BSKH, v_BSKH, end_index_B, pos_seg)
     x_BTD = x_BTD + attn
     x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
     return shard(x_BTD, _BATCH_SEQ + (None,)), k_BSKH, v_BSKH
@@ -189,6 +172,10 @@ _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.dots_saveable,
     "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # What save_dots_no_batch keeps, kept in host memory instead, copied back for the backward
+    # pass: device memory close to "full" without its recomputation of the matmuls.
+    "offload_dots": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device",
+                                                                           "pinned_host"),
 }
 
 
@@ -232,12 +219,17 @@ class Transformer(nnx.Module):
       positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if segment_ids_BT is None:
       segment_ids_BT = jnp.ones((b, t), jnp.int32)
+    context = attention.context_size() if cache is None else 1
+    if context > 1:  # sequence split over devices: reorder it so causal work is balanced
+      attention.check_context_divides(t, context)
+      tokens_BT, positions_BT, segment_ids_BT = (
+          attention.to_balanced(x, context) for x in (tokens_BT, positions_BT, segment_ids_BT))
     x_BTD = self.embed_tokens(tokens_BT).astype(cfg.dtype)
     x_BTD = shard(x_BTD, _BATCH_SEQ + (None,))
     sin, cos = rope_sin_cos(positions_BT, rope_inv_freq(cfg))
 
     if cache is None:
-      mask_BTS = attention_mask(positions_BT, segment_ids_BT, positions_BT, segment_ids_BT)
+      mask_BTS = None  # each layer attends by positions and segment ids (attention.py)
       kv = None
     else:
       k_pos = write_rows(cache.positions, positions_BT, cache.end_index)
@@ -251,7 +243,8 @@ class Transformer(nnx.Module):
     def body(x, xs):
       state, k_l, v_l = xs
       layer = nnx.merge(graphdef, state)
-      x, k_l, v_l = layer(x, sin, cos, mask_BTS, k_l, v_l, end_index)
+      x, k_l, v_l = layer(x, sin, cos, mask_BTS, k_l, v_l, end_index,
+                          (positions_BT, segment_ids_BT))
       return x, (k_l, v_l)
 
     if cfg.remat != "none":
@@ -262,6 +255,8 @@ class Transformer(nnx.Module):
     if cache is not None:
       cache = cache.replace(k=k_new, v=v_new, positions=k_pos, segment_ids=k_seg,
                             end_index=cache.end_index + t)
+    if context > 1:
+      x_BTD = shard(attention.from_balanced(x_BTD, context), _BATCH_SEQ + (None,))
     hidden_BTD = self.norm(x_BTD)
     if return_hidden:
       return hidden_BTD, cache

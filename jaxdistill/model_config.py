@@ -11,7 +11,8 @@ import jax.numpy as jnp
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "offload_dots")
+ATTENTION_IMPLS = ("auto", "dense", "blockwise", "pallas_gpu", "splash")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -51,6 +52,8 @@ class ModelConfig:
   param_dtype: str = "float32"  # storage dtype of parameters: "float32" | "bfloat16"
   compute_dtype: str = "float32"  # dtype of matmul inputs and activations
   remat: str = "none"  # per-layer rematerialisation: one of REMAT_POLICIES
+  attention: str = "auto"  # one of ATTENTION_IMPLS (attention.py)
+  attention_block: int = 512  # query/key block of blockwise attention and the fused kernels
   bos_token_id: int | None = None
   eos_token_id: int | tuple[int, ...] | None = None  # a tuple keeps the config hashable
 
@@ -68,6 +71,11 @@ class ModelConfig:
         problems.append(f"{field}={getattr(self, field)!r} is not one of {tuple(_DTYPES)}")
     if self.remat not in REMAT_POLICIES:
       problems.append(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
+    if self.attention not in ATTENTION_IMPLS:
+      problems.append(f"attention={self.attention!r} is not one of {ATTENTION_IMPLS}")
+    if self.attention_block < 16 or self.attention_block % 16:
+      problems.append(f"attention_block={self.attention_block} must be a positive multiple "
+                      "of 16")
     if self.rope_scaling is not None and self.rope_scaling.rope_type not in SUPPORTED_ROPE_TYPES:
       problems.append(f"rope_type={self.rope_scaling.rope_type!r} is not one of "
                       f"{SUPPORTED_ROPE_TYPES}")

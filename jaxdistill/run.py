@@ -25,7 +25,8 @@ MODES = ("train", "eval", "train_and_eval")
 def model_overrides(c: ml_collections.ConfigDict) -> dict:
   """ModelConfig fields the run config sets on top of the checkpoint's or preset's."""
   out = {"param_dtype": c.model.param_dtype, "compute_dtype": c.model.compute_dtype,
-         "remat": c.model.remat}
+         "remat": c.model.remat, "attention": c.model.attention,
+         "attention_block": c.model.attention_block}
   if c.model.rope_theta > 0:
     out["rope_theta"] = float(c.model.rope_theta)
   if c.model.max_position_embeddings > 0:
@@ -59,7 +60,7 @@ def validate(c: ml_collections.ConfigDict, cfg: ModelConfig, mesh_shape) -> None
   problems = []
   if c.mode not in MODES:
     problems.append(f"mode={c.mode!r} is not one of {MODES}")
-  data, fsdp, tp = mesh_shape
+  data, fsdp, context, tp = mesh_shape
   dp = data * fsdp
   micro = c.train.micro_batches
   if c.train.global_batch_size % (dp * micro):

@@ -1,9 +1,10 @@
 """Device mesh, the parameter PartitionSpec table, and the one activation-sharding helper.
 
-Mesh axes are ("data", "fsdp", "tp"). Parameters and activations are described with
-logical axis names; `LOGICAL_RULES` maps each to mesh axes in one place:
+Mesh axes are ("data", "fsdp", "context", "tp"). Parameters and activations are described
+with logical axis names; `LOGICAL_RULES` maps each to mesh axes in one place:
 
   batch    -> ("data", "fsdp")   the batch is split over every data-parallel axis
+  seq      -> "context"          context parallelism splits the sequence (attention.py)
   embed    -> "fsdp"             FSDP shards the model dimension of every weight
   heads    -> "tp"               tensor parallelism splits attention heads,
   kv_heads -> "tp"               kv heads (replicated when fewer than tp, as in GQA models),
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tp")
+MESH_AXES = ("data", "fsdp", "context", "tp")
 
 LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),
@@ -30,7 +31,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "mlp": "tp",
     "vocab": "tp",
     "layers": None,
-    "seq": None,
+    "seq": "context",
 }
 
 # Parameter path (slash-joined, as in model.py) -> logical axis of each dimension.
@@ -51,7 +52,7 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
 
 
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A ("data", "fsdp", "tp") mesh; one entry may be -1, meaning "all remaining devices"."""
+  """A ("data", "fsdp", "context", "tp") mesh; one entry may be -1, meaning "all remaining devices"."""
   devices = list(devices if devices is not None else jax.devices())
   shape = list(shape)
   if len(shape) != len(MESH_AXES):

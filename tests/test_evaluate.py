@@ -15,7 +15,7 @@ def _config(**eval_overrides):
   c = config_flags.config_flags._ConfigFileParser(name="config").parse(  # pylint: disable=protected-access
       os.path.join(ROOT, "configs", "tiny.py"))
   c.mode = "eval"
-  c.mesh.shape = (1, -1, 1)  # parameters sharded over the 8 test devices
+  c.mesh.shape = (1, -1, 1, 1)  # parameters sharded over the 8 test devices
   c.eval.tasks = "aime24,math500"
   c.eval.limit = 3
   c.eval.num_samples = 2

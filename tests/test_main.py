@@ -198,9 +198,9 @@ def test_every_config_loads_and_builds_its_state_abstractly(path, tmp_path, monk
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["mesh.shape=(3, 1, 1)"], "needs 3 devices but 8 are available"),
+    (["mesh.shape=(3, 1, 1, 1)"], "needs 3 devices but 8 are available"),
     (["train.global_batch_size=12"], "global_batch_size=12 is not divisible by data x fsdp"),
-    (["mesh.shape=(1, 1, 8)"], "4 attention heads are not divisible by mesh tp=8"),
+    (["mesh.shape=(1, 1, 1, 8)"], "4 attention heads are not divisible by mesh tp=8"),
     (["data.seq_len=4096"], "data.seq_len=4096 exceeds the model's max_position_embeddings"),
     (["train.micro_batches=3"], "x train.micro_batches (3)"),
     (["mode=serve"], "mode='serve' is not one of"),

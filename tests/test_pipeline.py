@@ -281,7 +281,7 @@ def test_pretokenized_and_json_sources_mix(tmp_path, data):
 
 
 def test_make_global_batch_shards_rows_over_data_axes():
-  mesh = sharding.make_mesh((2, 4, 1))
+  mesh = sharding.make_mesh((2, 4, 1, 1))
   rng = np.random.default_rng(0)
   batch = {k: rng.integers(0, 9, (8, 16)).astype(np.int32) for k in packing.ROW_KEYS}
   out = pipeline.make_global_batch(batch, mesh)

@@ -1,16 +1,21 @@
 """Offline preparation: the shards hold exactly what the pipeline would render, in input order
 whatever the number of workers, stats count what happened, strict mode names the bad line."""
 
+import collections
 import io
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from configs import base
 from jaxdistill.data import builder, chat, formats, packed_rows, packing, pipeline, prepare, sources
+from tests import data_fixtures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSETS = os.path.join(ROOT, "jaxdistill", "assets")
@@ -204,7 +209,8 @@ def test_packed_rows_hold_every_example_once(mixed, renderer, tmp_path):
   want = [(tuple(t), tuple(m[1:])) for t, m in direct]
   assert sorted(segments) == sorted(want)
   assert stats["fill"] == pytest.approx(stats["tokens"] / (len(rows) * SEQ_LEN), abs=1e-6)
-  # The pipeline refuses the packed encoding rather than reading rows as single examples.
+  # Read as records, packed rows are refused rather than taken for single examples (the
+  # pipeline reads them through PackedRows instead).
   item = sources.open_source(str(tmp_path / "p"))[0]
   assert item.record is None and "unreadable pre-tokenised record" in item.error
 
@@ -233,3 +239,175 @@ def test_cli(mixed, tmp_path):
                           capture_output=True, text=True, env=env, timeout=120)
   assert strict.returncode == 1
   assert f"error: bad training record at {path}:{bad_lines[0]}" in strict.stderr
+
+
+# -- Training from prepared directories -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def packed(mixed, renderer, tmp_path_factory):
+  """A packed directory of the mixed traces: (directory, its stats)."""
+  out = tmp_path_factory.mktemp("packed") / "p"
+  return str(out), _prepare(mixed[0], out, renderer, pack=True, pack_bins=4)
+
+
+def _no_rendering(record):
+  raise AssertionError("pre-packed rows must not be rendered")
+
+
+def _packed_config(directory, **kw):
+  defaults = dict(sources=(directory,), seq_len=SEQ_LEN, global_batch_size=2, num_epochs=1,
+                  seed=3, num_threads=2, read_ahead=4, prefetch_batches=0)
+  return pipeline.DataConfig(**{**defaults, **kw})
+
+
+def _iterator(cfg, process_index=0, process_count=1):
+  return pipeline.DataIterator(cfg, _no_rendering, process_index=process_index,
+                               process_count=process_count)
+
+
+def _unbatch(batches):
+  return [{k: b[k][i] for k in b} for b in batches for i in range(len(b["inputs"]))]
+
+
+def _key(row):
+  return tuple(row[k].tobytes() for k in packing.ROW_KEYS)
+
+
+def _disk_rows(directory):
+  rows = packed_rows.PackedRows(directory)
+  return [rows[i] for i in range(len(rows))]
+
+
+def test_training_batches_are_the_packed_rows_reshuffled_every_epoch(mixed, renderer, packed):
+  directory, stats = packed
+  disk = _disk_rows(directory)
+  n = len(disk)
+  cfg = _packed_config(directory, num_epochs=2)
+  it = _iterator(cfg)
+  batches = list(it)
+  assert len(batches) == (2 * n) // 2 == pipeline.plan_steps(cfg, _no_rendering,
+                                                             process_count=1).steps
+  assert all(b[k].shape == (2, SEQ_LEN) for b in batches for k in packing.ROW_KEYS)
+  assert batches[0]["loss_mask"].dtype == bool and batches[0]["segment_ids"].dtype == np.int32
+  rows = _unbatch(batches)
+  epochs = [[_key(r) for r in rows[:n]], [_key(r) for r in rows[n:]]]
+  want = collections.Counter(map(_key, disk))
+  assert collections.Counter(epochs[0]) == collections.Counter(epochs[1]) == want
+  assert len({tuple(e) for e in epochs + [[_key(r) for r in disk]]}) == 3  # two new orders
+  assert it.stats["rows"] == 2 * n and it.stats["kept"] == 2 * stats["kept"]
+  assert it.stats["tokens"] == 2 * stats["tokens"]
+  assert it.stats["scored_tokens"] == 2 * stats["scored_tokens"]
+  # Masks, segments and positions arrive intact: the scored segments of an epoch are exactly
+  # the examples rendered directly, each alone in its segment and scored on its own targets.
+  segments = []
+  for row in rows[:n]:
+    for s in range(1, row["segment_ids"].max() + 1):
+      where = row["segment_ids"] == s
+      tokens = row["inputs"][where]
+      np.testing.assert_array_equal(row["positions"][where], np.arange(where.sum()))
+      np.testing.assert_array_equal(row["targets"][where][:-1], tokens[1:])
+      assert not row["loss_mask"][where][-1]
+      segments.append((tuple(tokens), tuple(row["loss_mask"][where][:-1])))
+    assert not row["loss_mask"][row["segment_ids"] == 0].any()
+  direct = _direct(mixed[0], renderer)
+  assert sorted(segments) == sorted((tuple(t), tuple(m[1:])) for t, m in direct)
+
+
+def test_processes_split_each_epoch_of_packed_rows(packed):
+  directory, _ = packed
+  cfg = _packed_config(directory, num_epochs=1)
+  plan = pipeline.plan_steps(cfg, _no_rendering, process_count=2)
+  per_process = []
+  for p in range(2):
+    rows = _unbatch(list(_iterator(cfg, p, 2)))
+    assert len(rows) == plan.rows_per_process[p]
+    per_process.append(collections.Counter(map(_key, rows)))
+  assert per_process[0] + per_process[1] == collections.Counter(map(_key, _disk_rows(directory)))
+  assert abs(plan.rows_per_process[0] - plan.rows_per_process[1]) <= 1
+
+
+def test_packed_rows_resume_mid_epoch_exactly(packed):
+  directory, _ = packed
+  cfg = _packed_config(directory, num_epochs=2, prefetch_batches=2)
+  it = _iterator(cfg)
+  for _ in range(3):
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))
+  assert state["packer"]["next_index"] == 6 and state["config"]["prepacked"]
+  rest, rest_stats = list(it), it.stats  # through the next epoch to the end
+  resumed = _iterator(_packed_config(directory, num_epochs=2, num_threads=0))
+  resumed.set_state(state)
+  got = list(resumed)
+  assert len(got) == len(rest) > len(_disk_rows(directory)) // 2
+  for a, b in zip(got, rest):
+    for k in packing.ROW_KEYS:
+      np.testing.assert_array_equal(a[k], b[k])
+  assert resumed.stats == rest_stats
+  with pytest.raises(ValueError, match="seed: 3 -> 4"):
+    _iterator(_packed_config(directory, num_epochs=2, seed=4)).set_state(state)
+
+
+def test_packed_rows_refuse_another_seq_len_or_a_mixture(mixed, packed):
+  directory, _ = packed
+  for make in (_iterator, lambda cfg: pipeline.plan_steps(cfg, _no_rendering, process_count=1)):
+    with pytest.raises(ValueError, match=(rf"packed to seq_len={SEQ_LEN}, but the data config has "
+                                          rf"seq_len=1024: set data.seq_len={SEQ_LEN}")):
+      make(_packed_config(directory, seq_len=1024))
+  with pytest.raises(ValueError, match="mix pre-packed rows"):
+    _iterator(_packed_config(directory, sources=(directory, mixed[0])))
+  with pytest.raises(ValueError, match="packing='pad'"):
+    _iterator(_packed_config(directory, packing="pad"))
+
+
+def test_a_run_config_trains_from_a_packed_directory(packed):
+  directory, _ = packed
+  c = base.get_config()
+  c.data.sources, c.data.tokenizer, c.data.chat_template = directory, TOKENIZER, "chatml"
+  c.data.seq_len, c.data.prefetch, c.train.global_batch_size = SEQ_LEN, 0, 2
+  data = builder.build_training_data(c)
+  assert data.num_steps == len(_disk_rows(directory)) // 2
+  batch = next(data.train)
+  assert batch["inputs"].shape == (2, SEQ_LEN) and batch["loss_mask"].any()
+  data.train.close()
+  c.data.seq_len = 1024
+  with pytest.raises(ValueError, match=f"--config.data.seq_len={SEQ_LEN}"):
+    builder.build_training_data(c)
+
+
+def test_prepared_data_from_another_tokenizer_is_refused(mixed, renderer, packed, tmp_path,
+                                                         caplog):
+  directory, _ = packed
+  examples = str(tmp_path / "examples")
+  _prepare(mixed[0], examples, renderer)
+  for spec in (directory, examples):
+    builder.check_prepared([spec, mixed[0]], renderer)  # the tokenizer that made it: fine
+  # The same tokenizer file elsewhere is the same tokenizer.
+  copy = shutil.copy(TOKENIZER, tmp_path / "copy.model")
+  builder.check_prepared([directory], chat.ChatRenderer(chat.load_tokenizer(copy), "chatml"))
+  other = chat.ChatRenderer(chat.load_tokenizer(
+      data_fixtures.save_sentencepiece_model(tmp_path / "other.model")), "chatml")
+  for spec in (directory, examples):
+    with pytest.raises(ValueError, match="tokenizer_sha256") as e:
+      builder.check_prepared([spec], other)
+    assert os.path.abspath(TOKENIZER) in str(e.value) and other.tokenizer.path in str(e.value)
+  last_only = chat.ChatRenderer(renderer.tokenizer, "chatml", score="last")
+  with pytest.raises(ValueError, match="template_sha256"):
+    builder.check_prepared([directory], last_only)
+  # No record: a warning. A record from before the hashes: the rest is still checked.
+  bare = tmp_path / "bare"
+  shutil.copytree(directory, bare, ignore=shutil.ignore_patterns(prepare.STATS_FILE))
+  with caplog.at_level(logging.WARNING):
+    builder.check_prepared([str(bare)], other)
+  assert any("no record of vocab_size" in r.getMessage() for r in caplog.records)
+  with open(os.path.join(directory, prepare.STATS_FILE)) as f:
+    stats = json.load(f)
+  for key in ("tokenizer_sha256", "template_sha256"):
+    del stats["tokenizer"][key]
+  (bare / prepare.STATS_FILE).write_text(json.dumps(stats))
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    builder.check_prepared([str(bare)], last_only)
+  assert any("no record of tokenizer_sha256, template_sha256" in r.getMessage()
+             for r in caplog.records)
+  with pytest.raises(ValueError, match=rf"vocab_size 384 != {other.tokenizer.vocab_size}"):
+    builder.check_prepared([str(bare)], other)

@@ -136,7 +136,7 @@ def test_ids_past_the_tokenizer_vocabulary_are_never_sampled(tiny_qwen2_dir):
   assert ids.max() < 40 and len(set(ids.tolist())) > 10
 
 
-@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2)])
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1, 1), (2, 2, 1, 2)])
 def test_sharded_sampling_equals_unsharded(mesh_shape, tiny_qwen2_dir):
   from jaxdistill import sharding
   prompts = _prompts([5, 17, 9], seed=5)  # 3 prompts: padded to the data-parallel size

@@ -9,7 +9,7 @@ from flax import nnx
 from jaxdistill import checkpoint, hf, model as model_lib, sharding
 from jaxdistill.model_config import ModelConfig
 
-MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
+MESHES = [(8, 1, 1, 1), (2, 4, 1, 1), (2, 2, 1, 2)]
 
 
 def _forward(model, mesh, tokens, positions, segments):
@@ -67,7 +67,7 @@ def _assert_sharded_as_table(model, mesh):
 def test_sharded_init_and_training_gradients_match(tiny_llama_dir):
   """Random sharded init equals unsharded init with the same seed, gradients too."""
   cfg = ModelConfig.from_hf_config(tiny_llama_dir)
-  mesh = sharding.make_mesh((2, 2, 2))
+  mesh = sharding.make_mesh((2, 2, 1, 2))
   sharded = model_lib.create_model(cfg, mesh, seed=3)
   plain = model_lib.create_model(cfg, seed=3)
   for (p, a), (_, b) in zip(model_lib.flat_params(sharded).items(),
@@ -95,7 +95,7 @@ def test_sharded_init_and_training_gradients_match(tiny_llama_dir):
 def test_sharded_init_never_materialises_whole_parameters():
   cfg = ModelConfig(vocab_size=512, d_model=64, num_heads=8, num_kv_heads=8, head_dim=8,
                     mlp_dim=256, num_layers=2)
-  mesh = sharding.make_mesh((1, 4, 2))
+  mesh = sharding.make_mesh((1, 4, 1, 2))
   model = model_lib.create_model(cfg, mesh)
   up = model.layers.mlp.up_proj.kernel[...]
   assert all(s.data.shape == (2, 16, 128) for s in up.addressable_shards)
@@ -103,9 +103,9 @@ def test_sharded_init_never_materialises_whole_parameters():
 
 
 def test_restore_onto_a_different_mesh(tiny_llama_dir, tmp_path):
-  model = hf.load_hf_model(tiny_llama_dir, sharding.make_mesh((1, 8, 1)))
+  model = hf.load_hf_model(tiny_llama_dir, sharding.make_mesh((1, 8, 1, 1)))
   checkpoint.save_model(str(tmp_path / "ckpt"), model)
-  mesh = sharding.make_mesh((2, 2, 2))
+  mesh = sharding.make_mesh((2, 2, 1, 2))
   restored = checkpoint.load_model(str(tmp_path / "ckpt"), mesh)
   _assert_sharded_as_table(restored, mesh)
   for (p, a), (_, b) in zip(model_lib.flat_params(restored).items(),
@@ -114,7 +114,7 @@ def test_restore_onto_a_different_mesh(tiny_llama_dir, tmp_path):
 
 
 def test_kv_heads_fewer_than_tp_are_replicated():
-  mesh = sharding.make_mesh((1, 1, 8))
+  mesh = sharding.make_mesh((1, 1, 1, 8))
   spec = sharding.param_spec("layers/self_attn/k_proj/kernel", (2, 64, 2, 16), mesh)
   assert spec == jax.sharding.PartitionSpec(None, "fsdp", None, None)
   with pytest.raises(ValueError, match="q_proj/kernel.*heads=4 is not divisible"):
@@ -122,17 +122,17 @@ def test_kv_heads_fewer_than_tp_are_replicated():
 
 
 def test_mesh_errors_say_what_to_change():
-  assert sharding.make_mesh((2, -1, 2)).shape == {"data": 2, "fsdp": 2, "tp": 2}
+  assert sharding.make_mesh((2, -1, 1, 2)).shape == {"data": 2, "fsdp": 2, "context": 1, "tp": 2}
   with pytest.raises(ValueError, match="needs 12 devices but 8 are available"):
-    sharding.make_mesh((3, 2, 2))
+    sharding.make_mesh((3, 2, 1, 2))
   with pytest.raises(ValueError, match="at most one axis may be -1"):
-    sharding.make_mesh((-1, -1, 2))
+    sharding.make_mesh((-1, -1, 1, 2))
   with pytest.raises(ValueError, match="not divisible by 3"):
-    sharding.make_mesh((3, -1, 1))
+    sharding.make_mesh((3, -1, 1, 1))
 
 
 def test_activation_constraint_rejects_indivisible_batch():
-  mesh = sharding.make_mesh((8, 1, 1))
+  mesh = sharding.make_mesh((8, 1, 1, 1))
   with jax.set_mesh(mesh):
     with pytest.raises(ValueError, match="batch=3 is not divisible"):
       jax.jit(lambda x: sharding.shard(x, ("batch", None)))(jnp.zeros((3, 4)))

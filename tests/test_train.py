@@ -46,7 +46,7 @@ class SyntheticBatches:
     self.index = state["index"]
 
 
-def _train(workdir, mesh_shape=(1, 1, 1), steps=4, micro=1, batch=8, ckpt_every=100,
+def _train(workdir, mesh_shape=(1, 1, 1, 1), steps=4, micro=1, batch=8, ckpt_every=100,
            devices=None, schedule_steps=None, **train_kw):
   devices = devices or jax.devices()[:int(np.prod([s for s in mesh_shape if s > 0]))]
   mesh = sharding.make_mesh(mesh_shape, devices)
@@ -103,9 +103,9 @@ def test_chunked_loss_temporary_memory_is_under_a_third_of_naive():
   assert mem_c <= 0.3 * mem_n, (mem_c, mem_n)
 
 
-@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1, 1), (2, 4, 1, 1), (2, 2, 1, 2)])
 def test_sharded_training_matches_single_device(mesh_shape, tmp_path):
-  _, single = _train(tmp_path / "single", (1, 1, 1), steps=4)
+  _, single = _train(tmp_path / "single", (1, 1, 1, 1), steps=4)
   _, sharded = _train(tmp_path / "sharded", mesh_shape, steps=4)
   assert len(single) == 4 and single[-1] < single[0]
   np.testing.assert_allclose(sharded, single, rtol=2e-5)
@@ -113,8 +113,8 @@ def test_sharded_training_matches_single_device(mesh_shape, tmp_path):
 
 @pytest.mark.parametrize("micro", [2, 4])
 def test_gradient_accumulation_equals_one_big_batch(micro, tmp_path):
-  big, curve_big = _train(tmp_path / "big", (2, 1, 1), steps=3)
-  acc, curve_acc = _train(tmp_path / "acc", (2, 1, 1), steps=3, micro=micro)
+  big, curve_big = _train(tmp_path / "big", (2, 1, 1, 1), steps=3)
+  acc, curve_acc = _train(tmp_path / "acc", (2, 1, 1, 1), steps=3, micro=micro)
   np.testing.assert_allclose(curve_acc, curve_big, rtol=2e-5)
   # Adam divides by sqrt(v): float rounding in near-zero gradients shows up at ~1e-6 of
   # parameters whose updates are ~1e-2.
@@ -123,40 +123,40 @@ def test_gradient_accumulation_equals_one_big_batch(micro, tmp_path):
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-  full, _ = _train(tmp_path / "full", (2, 2, 1), steps=6, ckpt_every=2)
+  full, _ = _train(tmp_path / "full", (2, 2, 1, 1), steps=6, ckpt_every=2)
   # Stopped after step 4 of a 6-step schedule, then started again.
-  _train(tmp_path / "resumed", (2, 2, 1), steps=4, ckpt_every=2, schedule_steps=6)
-  resumed, _ = _train(tmp_path / "resumed", (2, 2, 1), steps=6, ckpt_every=2)
+  _train(tmp_path / "resumed", (2, 2, 1, 1), steps=4, ckpt_every=2, schedule_steps=6)
+  resumed, _ = _train(tmp_path / "resumed", (2, 2, 1, 1), steps=6, ckpt_every=2)
   for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(full.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
   with pytest.raises(train.TrainingStopped, match="non-finite loss nan .* at step 4"):
-    _train(tmp_path, (1, 1, 1), steps=8, ckpt_every=2, inject_nan_at_step=3)
+    _train(tmp_path, (1, 1, 1, 1), steps=8, ckpt_every=2, inject_nan_at_step=3)
   steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
   assert steps == [2]
 
 
 def test_unreadable_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
-  full, _ = _train(tmp_path / "full", (1, 1, 1), steps=6, ckpt_every=2)
+  full, _ = _train(tmp_path / "full", (1, 1, 1, 1), steps=6, ckpt_every=2)
   workdir = tmp_path / "broken"
-  _train(workdir, (1, 1, 1), steps=4, ckpt_every=2, schedule_steps=6)
+  _train(workdir, (1, 1, 1, 1), steps=4, ckpt_every=2, schedule_steps=6)
   for f in (workdir / "checkpoints" / "4" / "params").rglob("*"):
     if f.is_file() and f.stat().st_size > 0:
       f.write_bytes(b"\0" * 16)  # a torn write
   with caplog.at_level("WARNING"):
-    resumed, _ = _train(workdir, (1, 1, 1), steps=6, ckpt_every=2)
+    resumed, _ = _train(workdir, (1, 1, 1, 1), steps=6, ckpt_every=2)
   assert "checkpoint step 4" in caplog.text and "unreadable" in caplog.text
   for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(full.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_resume_onto_a_different_mesh(tmp_path):
-  full, curve_full = _train(tmp_path / "full", (2, 2, 1), steps=6, ckpt_every=2)
+  full, curve_full = _train(tmp_path / "full", (2, 2, 1, 1), steps=6, ckpt_every=2)
   workdir = tmp_path / "moved"
-  _train(workdir, (2, 2, 1), steps=4, ckpt_every=2, schedule_steps=6)
-  moved, _ = _train(workdir, (1, 2, 2), steps=6, ckpt_every=2)
+  _train(workdir, (2, 2, 1, 1), steps=4, ckpt_every=2, schedule_steps=6)
+  moved, _ = _train(workdir, (1, 2, 1, 2), steps=6, ckpt_every=2)
   spec = moved.params["layers"]["mlp"]["up_proj"]["kernel"].sharding.spec
   assert spec == jax.sharding.PartitionSpec(None, "fsdp", "tp")
   for a, b in zip(jax.tree.leaves(moved.params), jax.tree.leaves(full.params)):

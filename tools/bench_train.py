@@ -40,7 +40,7 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (p
 flags.DEFINE_enum("remat", "none", ["none", "full", "save_dots", "save_dots_no_batch"], "Remat.")
 flags.DEFINE_integer("loss_chunk", 1024, "Sequence tokens per loss chunk.")
 flags.DEFINE_integer("steps", 10, "Timed steps (after two warm-up steps).")
-flags.DEFINE_list("mesh", ["1", "-1", "1"], "data,fsdp,tp.")
+flags.DEFINE_list("mesh", ["1", "-1", "1", "1"], "data,fsdp,context,tp.")
 flags.DEFINE_bool("vs_hf", False, "Also time transformers PyTorch eager + torch AdamW.")
 
 

@@ -28,7 +28,7 @@ flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
 flags.DEFINE_float("rope_theta", None, "Override rope_theta on import.")
 flags.DEFINE_integer("max_position_embeddings", None, "Override max positions on import.")
 flags.DEFINE_integer("step", None, "Step to export (default: latest).")
-flags.DEFINE_list("mesh", ["1", "-1", "1"], "data,fsdp,tp mesh to load onto (-1 = rest).")
+flags.DEFINE_list("mesh", ["1", "-1", "1", "1"], "data,fsdp,context,tp mesh to load onto (-1 = rest).")
 flags.DEFINE_float("max_shard_gb", 5.0, "Largest safetensors shard written, in GiB.")
 flags.DEFINE_bool("overwrite", False, "Replace an existing --to_hf directory.")
 

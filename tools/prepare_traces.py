@@ -10,13 +10,16 @@ Without --pack, DIR gets examples-0000i-of-0000n.array_record: one pre-tokenised
 in place of the raw traces (--config.data.sources=DIR), with no tokenizer work. Shuffling,
 packing and the over-length policy still happen there, so seq_len may stay the same or shrink.
 With --pack, DIR gets rows-0000i-of-0000n.array_record instead: rows already packed to
-seq_len (the encoding is described in jaxdistill/data/prepare.py). Those rows are read by
-`jaxdistill.data.packed_rows.PackedRows(DIR)`, a Grain source of row dicts. The training pipeline
-does not read packed rows yet.
+seq_len (the encoding is described in jaxdistill/data/prepare.py). Training reads them as they
+are, shuffled per epoch, sharded and batched with no rendering or packing
+(--config.data.sources=DIR --config.data.seq_len=<this --seq_len>); a packed directory cannot
+share a mixture with sources the pipeline packs. `jaxdistill.data.packed_rows.PackedRows(DIR)`
+is a Grain source of its row dicts.
 
 Either way DIR/stats.json records what was kept, truncated and dropped (by reason), the
 first bad records as file:line, length histograms, the tokenizer and template, and input
-fingerprints. Bad records are skipped and counted; with --strict the run stops at the first
+fingerprints. Training with a tokenizer or chat template other than the one recorded there is
+refused. Bad records are skipped and counted; with --strict the run stops at the first
 one, prints where it is, and leaves no shards behind. Progress goes to stderr every few
 seconds. The output does not depend on --workers.
 """
@@ -43,8 +46,8 @@ flags.DEFINE_string("chat_template", "auto", "'auto', 'tokenizer', 'chatml', 'll
                     "Jinja template (data.chat_template).")
 flags.DEFINE_enum("overlong", "drop", list(packing.OVERLONG_POLICIES),
                   "Examples longer than seq_len: drop them, or keep their first seq_len tokens.")
-flags.DEFINE_bool("pack", False, "Write rows packed to seq_len (read by packed_rows.PackedRows, "
-                  "not by the training pipeline) instead of examples.")
+flags.DEFINE_bool("pack", False, "Write rows packed to seq_len instead of examples; training "
+                  "then needs data.seq_len equal to --seq_len.")
 flags.DEFINE_integer("pack_bins", 16, "Rows open at once while packing.")
 flags.DEFINE_bool("strict", False, "Stop at the first bad record instead of skipping it.")
 flags.DEFINE_integer("workers", os.cpu_count() or 1, "Rendering processes.")

@@ -7,12 +7,17 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import ml_collections
 
-from jaxdistill.data import chat, formats, pipeline, sources
+from jaxdistill.data import chat, formats, packed_rows, pipeline, sources
+
+# What must match between the tokenizer that prepared a directory and the run's
+# (`ChatRenderer.identity`); the path may differ, a copy is the same tokenizer.
+_IDENTITY_KEYS = ("vocab_size", "tokenizer_sha256", "template", "template_sha256",
+                  "turn_end_id")
 
 
 @dataclasses.dataclass
@@ -45,6 +50,49 @@ def example_fn(renderer: chat.ChatRenderer, fmt: str, spec: formats.FormatSpec):
   def fn(record):
     return [renderer.render(conv) for conv in formats.to_conversations(record, fmt, spec)]
   return fn
+
+
+def check_prepared(specs: Sequence[str], renderer: chat.ChatRenderer):
+  """Refuses pre-tokenised sources (`prepare_traces.py` examples or packed rows) made with
+  another tokenizer or chat template than the run's, since their ids would stand for other
+  text and their masks for other turns, and nothing later could tell. Warns about those with
+  no record (or an incomplete one, from before the hashes were recorded) of what made them.
+
+  Args:
+    specs: data source specs; trace files and TFDS sources are skipped.
+    renderer: the run's renderer (`ChatRenderer.identity` is compared with stats.json).
+  Raises:
+    ValueError: naming the recorded tokenizer and template and the run's, and what differs.
+  """
+  current = None
+  for spec in specs:
+    content = packed_rows.prepared_content(spec)
+    if content is None:
+      continue  # trace records: this run renders them itself
+    current = current or renderer.identity()
+    recorded = (packed_rows.read_stats(spec) or {}).get("tokenizer") or {}
+    missing = [k for k in _IDENTITY_KEYS if k not in recorded]
+    changed = [f"{k} {recorded[k]!r} != {current[k]!r}" for k in _IDENTITY_KEYS
+               if k in recorded and recorded[k] != current[k]]
+    if changed:
+      raise ValueError(
+          f"{spec} was tokenised with {_describe(recorded)}, but this run uses "
+          f"{_describe(current)} ({'; '.join(changed)}). Train with the tokenizer and template "
+          f"that prepared it (data.tokenizer={recorded.get('path', '?')}, "
+          f"data.chat_template={recorded.get('template', '?')}), or prepare the traces again "
+          f"with --tokenizer={current['path']} --chat_template={current['template']}")
+    if missing:
+      logging.warning(
+          "%s holds pre-tokenised %s with no record of %s in %s; cannot check that it was "
+          "made by this run's %s", spec, content, ", ".join(missing),
+          packed_rows.STATS_FILE, _describe(current))
+
+
+def _describe(identity: dict) -> str:
+  return (f"tokenizer {identity.get('path', '?')} (vocab {identity.get('vocab_size', '?')}, "
+          f"sha256 {identity.get('tokenizer_sha256', '?')[:12]}) and the "
+          f"{identity.get('template', '?')} template "
+          f"(sha256 {identity.get('template_sha256', '?')[:12]})")
 
 
 def _data_config(c: ml_collections.ConfigDict, srcs, *, num_epochs, shuffle=None):
@@ -109,6 +157,9 @@ def build_training_data(c: ml_collections.ConfigDict, workdir: str | None = None
   the data, counted by packing the whole run's lengths once (`pipeline.plan_steps`, which
   renders every record) and remembered in `workdir/data_plan.json` under the data's
   fingerprint, so a resumed run does not render everything again before its first step.
+  Pre-packed sources are counted without reading a row. Pre-tokenised sources made with
+  another tokenizer or template than `data.tokenizer`/`data.chat_template` are refused
+  (`check_prepared`).
   """
   d = c.data
   tokenizer_path = d.tokenizer or c.init.hf_dir
@@ -119,6 +170,8 @@ def build_training_data(c: ml_collections.ConfigDict, workdir: str | None = None
   renderer = chat.ChatRenderer(tokenizer, d.chat_template)
   fn = example_fn(renderer, d.format, formats.FormatSpec())
   srcs = parse_sources(d.sources)
+  val_srcs = parse_sources(d.validation_sources) if d.validation_sources else ()
+  check_prepared([s.path for s in srcs + val_srcs], renderer)
   if c.train.num_steps > 0:
     cfg = _data_config(c, srcs, num_epochs=None)
     num_steps = c.train.num_steps
@@ -130,8 +183,8 @@ def build_training_data(c: ml_collections.ConfigDict, workdir: str | None = None
     cfg = _data_config(c, srcs, num_epochs=int(epochs))
     num_steps = _planned_steps(cfg, fn, renderer, workdir)
   validation = None
-  if d.validation_sources:
-    val_cfg = _data_config(c, parse_sources(d.validation_sources), num_epochs=1, shuffle=False)
+  if val_srcs:
+    val_cfg = _data_config(c, val_srcs, num_epochs=1, shuffle=False)
     validation = lambda: pipeline.DataIterator(val_cfg, fn)  # noqa: E731
   return TrainingData(train=pipeline.DataIterator(cfg, fn), num_steps=num_steps,
                       validation=validation, renderer=renderer,

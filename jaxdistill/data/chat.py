@@ -41,6 +41,7 @@ import abc
 import collections
 import dataclasses
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -63,6 +64,10 @@ _LLAMA3_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>
 # Rendered once at construction, to find the turn-end token and check round trips.
 _PROBE = ({"role": "user", "content": "What is 2 + 2?"},
           {"role": "assistant", "content": "2 + 2 = 4."})
+# Encoded into `ChatRenderer.identity`: digits, LaTeX, whitespace runs and non-ASCII text, where
+# tokenizers with one vocabulary but other merges or normalisers differ.
+_IDENTITY_TEXT = ("<think>\nLet x = 12345; then 2x^2 - 3x + 7 = 0, so \\frac{3}{4}.\n\n  Done."
+                  "</think>\n\n\\boxed{042} Größe, 数学, naïve café 🙂\t\r\n")
 
 
 class NoScoredTokensError(FormatError):
@@ -330,6 +335,28 @@ class ChatRenderer:
     self.__dict__.update(state)
     if self._source is not None:
       self._jinja = compile_template(self._source)
+
+  def identity(self) -> dict[str, Any]:
+    """What decides the tokens and masks this renderer makes, as JSON, so that data tokenised
+    earlier (`prepare.py` writes this into stats.json) can be checked against a run's renderer.
+
+    Returns {"path" (where the tokenizer was loaded from; informative, a copy elsewhere is the
+    same tokenizer), "vocab_size", "tokenizer_sha256" (every id's token string and the ids of
+    a fixed text: a changed vocabulary, merges or normalisation changes it, a moved or
+    re-saved file does not), "template", "template_sha256" (the template's source or
+    built-in name, its variables, turn end and scoring rules), "turn_end", "turn_end_id"}.
+    """
+    tok = self.tokenizer
+    vocab = hashlib.sha256()
+    for i in range(tok.vocab_size):
+      vocab.update(f"{tok.id_to_token(i)}\x00".encode("utf-8", "surrogatepass"))
+    vocab.update(json.dumps(tok.encode(_IDENTITY_TEXT)).encode())
+    template = json.dumps([self.template_name, self._source, self._template_vars, self.turn_end,
+                           self.score, self.boundary], sort_keys=True, default=str)
+    return {"path": os.path.abspath(tok.path), "vocab_size": tok.vocab_size,
+            "tokenizer_sha256": vocab.hexdigest(), "template": self.template_name,
+            "template_sha256": hashlib.sha256(template.encode()).hexdigest(),
+            "turn_end": self.turn_end, "turn_end_id": self.turn_end_id}
 
   # -- Text -----------------------------------------------------------------------------------
 

@@ -17,6 +17,16 @@ that cannot decode it (malformed JSON, invalid UTF-8, not an object) or an examp
 raising ValueError (a format error, a conversation with no scored token). Other exceptions are
 bugs and propagate.
 
+Pre-packed sources (directories from `tools/prepare_traces.py --pack`, `packed_rows.py`) skip
+rendering and packing: their rows, already [T], take the place of records in the same graph
+
+  rows --mix--> one mixture epoch --shuffle(seed, epoch)--> repeat(num_epochs)
+    --[process_index::process_count]--> read (in threads) --batch--> thread prefetch
+
+so they are shuffled, sharded, counted and resumed like packed rows, weights and mixture_size
+count rows, and the step plan is a length. Their seq_len must be the config's, and they cannot
+share a mixture with sources the pipeline packs (`open_sources` says so).
+
 Batches are dicts of [B, T] numpy arrays, B = global_batch_size / process_count, with the row
 layout of packing.py: inputs, targets, loss_mask, positions, segment_ids.
 """
@@ -34,7 +44,7 @@ import jax
 import numpy as np
 
 from jaxdistill import sharding as sharding_lib
-from jaxdistill.data import packing
+from jaxdistill.data import packed_rows, packing
 from jaxdistill.data import sources as sources_lib
 
 ExampleFn = Callable[[dict], Sequence[Any]]
@@ -126,6 +136,38 @@ class BadRecordError(ValueError):
 
 
 # -- The graph --------------------------------------------------------------------------------
+
+def open_sources(cfg: DataConfig) -> tuple[list, bool]:
+  """The sources of `cfg`, opened, and whether they are pre-packed rows (`PackedRows`).
+
+  Raises ValueError, saying what to change, for pre-packed rows mixed with sources the
+  pipeline packs (a row cannot share a packer with examples), rows packed to a seq_len other
+  than `cfg.seq_len`, and `packing="pad"` over rows that are packed already.
+  """
+  prepacked = [packed_rows.prepared_content(s.path) == "packed_rows" for s in cfg.sources]
+  if not any(prepacked):
+    return [sources_lib.open_source(s.path) for s in cfg.sources], False
+  if not all(prepacked):
+    rows = [s.path for s, p in zip(cfg.sources, prepacked) if p]
+    other = [s.path for s, p in zip(cfg.sources, prepacked) if not p]
+    raise ValueError(f"the data sources mix pre-packed rows ({rows}) with sources the pipeline "
+                     f"packs ({other}); prepare those with `tools/prepare_traces.py --pack` "
+                     "and the same --seq_len too (weights then apply to rows), or prepare the "
+                     "packed ones again without --pack")
+  if cfg.packing == "pad":
+    raise ValueError(f"packing='pad' asks for one example per row, but {cfg.sources[0].path!r} "
+                     "holds rows packed already; set data.packing=pack, or prepare the traces "
+                     "without --pack")
+  srcs = [packed_rows.PackedRows(s.path) for s in cfg.sources]
+  for s, src in zip(cfg.sources, srcs):
+    if src.seq_len != cfg.seq_len:
+      raise ValueError(
+          f"{s.path!r} holds rows packed to seq_len={src.seq_len}, but the data config has "
+          f"seq_len={cfg.seq_len}: set data.seq_len={src.seq_len} "
+          f"(--config.data.seq_len={src.seq_len}), or prepare the traces again with "
+          f"`tools/prepare_traces.py --pack --seq_len={cfg.seq_len}`")
+  return srcs, True
+
 
 def record_dataset(sources: Sequence, cfg: DataConfig, process_index: int,
                    process_count: int) -> grain.MapDataset:
@@ -238,17 +280,21 @@ class DataIterator(grain.DatasetIterator):
     if not 0 <= self.process_index < self.process_count:
       raise ValueError(f"process_index {self.process_index} is outside [0, {self.process_count})")
     self.batch_size = cfg.per_process_batch(self.process_count)
-    srcs = [sources_lib.open_source(s.path) for s in cfg.sources]
+    srcs, self.prepacked = open_sources(cfg)
     self._identity = {**cfg.stream_identity(), "source_lengths": [len(s) for s in srcs]}
+    if self.prepacked:  # only then, so that states saved before pre-packed rows still fit
+      self._identity["prepacked"] = True
     records = record_dataset(srcs, cfg, self.process_index, self.process_count)
-    elements = records.map(functools.partial(prepare_record, example_fn=example_fn,
-                                             seq_len=cfg.seq_len, overlong=cfg.overlong))
-    rows = packing.PackIterDataset(
-        elements, seq_len=cfg.seq_len, mode=cfg.packing, num_bins=cfg.pack_bins,
-        read_options=grain.ReadOptions(num_threads=cfg.num_threads,
-                                       prefetch_buffer_size=cfg.read_ahead),
-        num_workers=cfg.num_workers, on_element=_Accounting(cfg.strict, cfg.log_bad_records),
-        stats=new_stats())
+    read = grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.read_ahead)
+    if self.prepacked:  # records are rows: nothing to render or pack, no worker needed
+      rows = packed_rows.RowIterDataset(records, read_options=read, stats=new_stats())
+    else:
+      elements = records.map(functools.partial(prepare_record, example_fn=example_fn,
+                                               seq_len=cfg.seq_len, overlong=cfg.overlong))
+      rows = packing.PackIterDataset(
+          elements, seq_len=cfg.seq_len, mode=cfg.packing, num_bins=cfg.pack_bins,
+          read_options=read, num_workers=cfg.num_workers,
+          on_element=_Accounting(cfg.strict, cfg.log_bad_records), stats=new_stats())
     # A partial last batch would change the step's shape and recompile: it is dropped.
     batches = rows.batch(self.batch_size, drop_remainder=True)
     if cfg.prefetch_batches:
@@ -336,20 +382,26 @@ def plan_steps(cfg: DataConfig, example_fn: ExampleFn, *,
 
   Renders every record once (in `cfg.num_threads` threads), keeps the lengths of its fitted
   examples, then replays each process's record order (the same Grain graph over index-only
-  sources) through `packing.count_packed_rows`. Needs `num_epochs` set.
+  sources) through `packing.count_packed_rows`. Pre-packed rows are neither read nor
+  rendered: each process's rows are the length of its slice of that graph. Needs
+  `num_epochs` set.
   """
   if cfg.num_epochs is None:
     raise ValueError("plan_steps needs a finite num_epochs")
   process_count = jax.process_count() if process_count is None else process_count
   batch = cfg.per_process_batch(process_count)
-  srcs = [sources_lib.open_source(s.path) for s in cfg.sources]
+  srcs, prepacked = open_sources(cfg)
+  index_sources = [_IndexSource(i, len(s)) for i, s in enumerate(srcs)]
+  if prepacked:
+    rows = [len(record_dataset(index_sources, cfg, p, process_count))
+            for p in range(process_count)]
+    return StepPlan(tuple(rows), min(rows) // batch)
   prepare = functools.partial(prepare_record, example_fn=example_fn, seq_len=cfg.seq_len,
                               overlong=cfg.overlong)
   read = grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.read_ahead)
   lengths = [list(grain.MapDataset.source(src).map(prepare)
                   .map(lambda e: [len(t) for t, _ in e["examples"]]).to_iter_dataset(read))
              for src in srcs]
-  index_sources = [_IndexSource(i, len(s)) for i, s in enumerate(srcs)]
   rows = []
   for p in range(process_count):
     order = record_dataset(index_sources, cfg, p, process_count)

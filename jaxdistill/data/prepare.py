@@ -27,9 +27,12 @@ input order, `pack_bins` rows open) and stored one row per ArrayRecord entry as 
    "lengths": <int32 LE bytes: each example's token count, in row order>}
 
 `packed_rows.decode_packed_row` turns one into the row dict of packing.py, and `PackedRows`
-is a Grain random-access source of such rows. The training pipeline (`DataIterator`) does not
-read packed rows: it packs examples itself. Given a `rows-*` directory it reports every entry
-as an unreadable pre-tokenised record, and with strict mode on it stops at the first one.
+is a Grain random-access source of such rows. The training pipeline (`DataIterator`, with
+data.sources = DIR and data.seq_len = T) shuffles, shards and batches them as they are.
+
+stats.json names the tokenizer and chat template that made the tokens (`ChatRenderer.identity`:
+vocabulary size, hashes of the vocabulary and of the template); a run with another one is
+refused (`builder.check_prepared`), since the ids would stand for other text.
 
 The sources are opened once here and pickled to the workers. Each worker opens its own file
 handles, since sources pickle without them. The JSONL newline index is built once, not once
@@ -58,10 +61,9 @@ from typing import Any, NamedTuple, TextIO
 import numpy as np
 
 from jaxdistill.data import builder, chat, formats, packing, pipeline, sources
-from jaxdistill.data.packed_rows import PACKED_FORMAT, encode_packed_row
+from jaxdistill.data.packed_rows import PACKED_FORMAT, STATS_FILE, encode_packed_row
 
 STATS_FORMAT = "jaxdistill.prepared.v1"
-STATS_FILE = "stats.json"
 # The writer options of `sources.write_array_record`: one record per group, so every read
 # is one random access. Compression stays at ArrayRecord's default.
 _WRITER_OPTIONS = "group_size:1"
@@ -416,7 +418,8 @@ def prepare(cfg: PrepareConfig, renderer: chat.ChatRenderer,
     dropped by reason, tokens, scored_tokens, bad_records {count of records, first
     [{location, reason}]}, length_histogram {rendered, kept}), plus "format", "content"
     ("examples" or "packed_rows"), "seq_len", "overlong", "trace_format", "tokenizer" (path,
-    vocab size, template, turn-end token), "inputs" (fingerprints), "renderer" (fallback
+    vocab size, template, turn-end token and hashes: `ChatRenderer.identity`), "inputs"
+    (fingerprints), "renderer" (fallback
     counts), "shards" ([{"file", "records"}]), and with `pack`, "rows", "pack_bins" and
     "fill" (the share of row slots holding tokens). Nothing in it depends on the workers.
 
@@ -511,12 +514,9 @@ class _Output:
 
 def _stats(cfg: PrepareConfig, renderer: chat.ChatRenderer, tally: Tally, fingerprints,
            renderer_counts, shards, rows: int) -> dict[str, Any]:
-  tok = renderer.tokenizer
   stats = {"format": STATS_FORMAT, "content": "packed_rows" if cfg.pack else "examples",
            "seq_len": cfg.seq_len, "overlong": cfg.overlong, "trace_format": cfg.format,
-           "tokenizer": {"path": os.path.abspath(tok.path), "vocab_size": tok.vocab_size,
-                         "template": renderer.template_name, "turn_end": renderer.turn_end,
-                         "turn_end_id": renderer.turn_end_id},
+           "tokenizer": renderer.identity(),
            "inputs": fingerprints, **tally.to_dict(),
            "renderer": {k: renderer_counts[k]
                         for k in ("split_boundary", "unscored_rewritten_turn")},
