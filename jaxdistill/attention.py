@@ -116,12 +116,19 @@ def _scores(q_BKMH, k_BKcH, mask, scale):
   return jnp.where(mask, s, _NEG)
 
 
+def _loop(n: int, body, init):
+  """body(i, carry) for i in 0..n-1 as a `while_loop` (see `_flash`)."""
+  _, out = jax.lax.while_loop(lambda c: c[0] < n, lambda c: (c[0] + 1, body(c[0], c[1])),
+                              (jnp.zeros((), jnp.int32), init))
+  return out
+
+
 def _flash_forward(q, k, v, q_pos, q_seg, k_pos, k_seg, need, g, scale):
   """Returns out [nq, B, K, M, H] (q's dtype) and lse [nq, B, K, M] (float32)."""
   nk = k.shape[0]
 
-  def one_q_block(xs):
-    i, q_i, qp_i, qs_i = xs
+  def one_q_block(i, outputs):
+    q_i, qp_i, qs_i = q[i], q_pos[i], q_seg[i]
     b, kv, m, h = q_i.shape
     init = (jnp.full((b, kv, m), _NEG, jnp.float32), jnp.zeros((b, kv, m), jnp.float32),
             jnp.zeros((b, kv, m, h), jnp.float32))
@@ -139,14 +146,15 @@ def _flash_forward(q, k, v, q_pos, q_seg, k_pos, k_seg, need, g, scale):
         return m_new, l_new, acc * corr[..., None] + pv
       return jax.lax.cond(need[i, j], update, lambda c: c, carry)
 
-    m_run, l_run, acc = jax.lax.fori_loop(0, nk, visit, init)
+    m_run, l_run, acc = _loop(nk, visit, init)
     seen = l_run > 0
     out = acc / jnp.where(seen, l_run, 1.0)[..., None]
     lse = jnp.where(seen, m_run + jnp.log(jnp.where(seen, l_run, 1.0)), 0.0)
-    return out.astype(q.dtype), lse
+    return outputs[0].at[i].set(out.astype(q.dtype)), outputs[1].at[i].set(lse)
 
-  idx = jnp.arange(q.shape[0])
-  return jax.lax.map(one_q_block, (idx, q, q_pos, q_seg))
+  out = jnp.zeros(q.shape, q.dtype)
+  lse = jnp.zeros(q.shape[:-1], jnp.float32)
+  return _loop(q.shape[0], one_q_block, (out, lse))
 
 
 def _flash_backward(q, k, v, q_pos, q_seg, k_pos, k_seg, need, out, lse, dout, g, scale):
@@ -179,34 +187,42 @@ def _flash_backward(q, k, v, q_pos, q_seg, k_pos, k_seg, need, out, lse, dout, g
       return jax.lax.cond(need[i, j], update, lambda c: c, inner)
 
     zeros = jnp.zeros(k_j.shape, jnp.float32)
-    dq, dk_j, dv_j = jax.lax.fori_loop(0, nq, visit, (dq, zeros, zeros))
+    dq, dk_j, dv_j = _loop(nq, visit, (dq, zeros, zeros))
     return dq, dk.at[j].set(dk_j.astype(dk.dtype)), dv.at[j].set(dv_j.astype(dv.dtype))
 
   init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros_like(k), jnp.zeros_like(v))
-  dq, dk, dv = jax.lax.fori_loop(0, k.shape[0], one_k_block, init)
+  dq, dk, dv = _loop(k.shape[0], one_k_block, init)
   return dq.astype(q.dtype), dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _flash(q, k, v, q_pos, q_seg, k_pos, k_seg, g, scale):
-  need = _needed_pairs(q_pos, q_seg, k_pos, k_seg)
-  return _flash_forward(q, k, v, q_pos, q_seg, k_pos, k_seg, need, g, scale)[0]
+@functools.cache
+def _flash(g: int, scale: float):
+  """The blockwise attention function for one head grouping and scale, with its own VJP.
 
+  Its loops are `while_loop`s (`_loop`): `fori_loop` with static bounds becomes a `scan`,
+  and under the model's `scan` over layers JAX then kept every block pair's scores of the
+  forward as residuals (42 GB at T=32k); a `while_loop` is never differentiated, so only the
+  custom rule's residuals exist.
+  """
 
-def _flash_fwd(q, k, v, q_pos, q_seg, k_pos, k_seg, g, scale):
-  need = _needed_pairs(q_pos, q_seg, k_pos, k_seg)
-  out, lse = _flash_forward(q, k, v, q_pos, q_seg, k_pos, k_seg, need, g, scale)
-  return out, (q, k, v, q_pos, q_seg, k_pos, k_seg, need, out, lse)
+  @jax.custom_vjp
+  def flash(q, k, v, q_pos, q_seg, k_pos, k_seg):
+    need = _needed_pairs(q_pos, q_seg, k_pos, k_seg)
+    return _flash_forward(q, k, v, q_pos, q_seg, k_pos, k_seg, need, g, scale)[0]
 
+  def fwd(q, k, v, q_pos, q_seg, k_pos, k_seg):
+    need = _needed_pairs(q_pos, q_seg, k_pos, k_seg)
+    out, lse = _flash_forward(q, k, v, q_pos, q_seg, k_pos, k_seg, need, g, scale)
+    return out, (q, k, v, q_pos, q_seg, k_pos, k_seg, need, out, lse)
 
-def _flash_bwd(g, scale, res, dout):
-  q, k, v, q_pos, q_seg, k_pos, k_seg, need, out, lse = res
-  dq, dk, dv = _flash_backward(q, k, v, q_pos, q_seg, k_pos, k_seg, need, out, lse, dout, g,
-                               scale)
-  return dq, dk, dv, None, None, None, None
+  def bwd(res, dout):
+    q, k, v, q_pos, q_seg, k_pos, k_seg, need, out, lse = res
+    dq, dk, dv = _flash_backward(q, k, v, q_pos, q_seg, k_pos, k_seg, need, out, lse, dout, g,
+                                 scale)
+    return dq, dk, dv, None, None, None, None
 
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+  flash.defvjp(fwd, bwd)
+  return flash
 
 
 def _pad_seq(x_BT, multiple, value=0):
@@ -237,8 +253,8 @@ def blockwise_attention(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, q_seg_BT, k_pos_BS, k_
       nq, b, kv, g * bq, h)
   k = _blocks(k_BSKH, bk).transpose(0, 1, 3, 2, 4)  # [nk, B, K, bk, H]
   v = _blocks(v_BSKH, bk).transpose(0, 1, 3, 2, 4)
-  out = _flash(q, k, v, _blocks(q_pos_BT, bq), _blocks(q_seg_BT, bq), _blocks(k_pos_BS, bk),
-               _blocks(k_seg_BS, bk), g, h ** -0.5)
+  out = _flash(g, h ** -0.5)(q, k, v, _blocks(q_pos_BT, bq), _blocks(q_seg_BT, bq),
+                            _blocks(k_pos_BS, bk), _blocks(k_seg_BS, bk))
   out_BTNH = out.reshape(nq, b, kv, g, bq, h).transpose(1, 0, 4, 2, 3, 5).reshape(
       b, nq * bq, n, h)
   return out_BTNH[:, :t]

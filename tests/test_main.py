@@ -77,7 +77,7 @@ def test_tiny_config_trains_and_loss_falls(uninterrupted):
   assert rows[-1]["loss"] < 0.6 * rows[0]["loss"], [r["loss"] for r in rows]
   assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))) == [20, 30, 40]
   manifest = json.load(open(os.path.join(workdir, "manifest.json")))
-  assert manifest["mesh"] == {"data": 1, "fsdp": 1, "tp": 1}
+  assert manifest["mesh"] == {"data": 1, "fsdp": 1, "context": 1, "tp": 1}
   assert manifest["versions"]["jax"] == jax.__version__ and manifest["data_fingerprint"]
   assert glob.glob(os.path.join(workdir, "tensorboard", "events.*"))
   assert "random init of preset 'tiny'" in r.stderr
