@@ -68,6 +68,10 @@ def validate(c: ml_collections.ConfigDict, cfg: ModelConfig, mesh_shape) -> None
         f"train.global_batch_size={c.train.global_batch_size} is not divisible by data x fsdp "
         f"({dp}) x train.micro_batches ({micro}) = {dp * micro}; make it a multiple of "
         f"{dp * micro}")
+  if c.data.seq_len % (2 * context):
+    problems.append(f"data.seq_len={c.data.seq_len} is not divisible by 2 x mesh context "
+                    f"({2 * context}): context parallelism splits each row into that many "
+                    "chunks; choose a seq_len that is a multiple of it")
   if cfg.num_heads % tp:
     problems.append(f"the model's {cfg.num_heads} attention heads are not divisible by "
                     f"mesh tp={tp}; choose tp dividing {cfg.num_heads}")
@@ -211,5 +215,11 @@ def run_eval(c, model, workdir: str, source: str, mesh) -> dict:
     model = nnx.merge(nnx.graphdef(graphdef_model), nnx.state(model))
   description = {"init": source, "compute_dtype": model.config.compute_dtype,
                  "param_dtype": model.config.param_dtype, "cache_dtype": ecfg.cache_dtype}
+  if mesh.shape["context"] > 1:  # decoding is one token a step: the context devices take rows
+    mesh = sharding.fold_context(mesh)
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(state, model_lib.state_shardings(state, mesh))
+    model = nnx.merge(graphdef, state)
+    logging.info("evaluating on mesh %s (context folded into data)", sharding.describe(mesh))
   return evaluate.evaluate(Sampler.from_model(model, mesh), renderer, ecfg, workdir,
                            model_description=description, log=logging.info)

@@ -149,5 +149,13 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1)))
 
 
+def fold_context(mesh: Mesh) -> Mesh:
+  """The same devices with the context axis merged into data (context 1): for decoding,
+  where each step has one token per row and rows, not the sequence, are what to split."""
+  d, f, c, t = (mesh.shape[a] for a in MESH_AXES)
+  devices = mesh.devices.transpose(0, 2, 1, 3).reshape(d * c, f, 1, t)
+  return Mesh(devices, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
 def describe(mesh: Mesh) -> str:
   return ", ".join(f"{k}={v}" for k, v in mesh.shape.items()) + f" ({mesh.devices.size} devices)"

@@ -136,3 +136,13 @@ def test_activation_constraint_rejects_indivisible_batch():
   with jax.set_mesh(mesh):
     with pytest.raises(ValueError, match="batch=3 is not divisible"):
       jax.jit(lambda x: sharding.shard(x, ("batch", None)))(jnp.zeros((3, 4)))
+
+
+def test_fold_context_keeps_devices_and_merges_context_into_data():
+  mesh = sharding.make_mesh((2, 1, 2, 2))
+  folded = sharding.fold_context(mesh)
+  assert folded.shape == {"data": 4, "fsdp": 1, "context": 1, "tp": 2}
+  assert sorted(d.id for d in folded.devices.flat) == sorted(d.id for d in mesh.devices.flat)
+  # tp groups (the innermost axis, the fastest links) are unchanged
+  assert {tuple(d.id for d in row) for row in folded.devices.reshape(-1, 2)} == {
+      tuple(d.id for d in row) for row in mesh.devices.reshape(-1, 2)}

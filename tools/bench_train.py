@@ -28,7 +28,7 @@ from flax import nnx  # noqa: E402
 
 from jaxdistill import hf, metrics, model as model_lib, sharding, train  # noqa: E402
 from jaxdistill.data import pipeline  # noqa: E402
-from jaxdistill.model_config import get_preset  # noqa: E402
+from jaxdistill.model_config import ATTENTION_IMPLS, REMAT_POLICIES, get_preset  # noqa: E402
 from jaxdistill.optimizer import OptimConfig, make_optimizer, make_schedule  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -37,7 +37,8 @@ flags.DEFINE_string("preset", "bench", "'bench' or a model_config.PRESETS name."
 flags.DEFINE_integer("batch", 8, "Rows per step.")
 flags.DEFINE_integer("seq", 256, "Tokens per row.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (params fp32).")
-flags.DEFINE_enum("remat", "none", ["none", "full", "save_dots", "save_dots_no_batch"], "Remat.")
+flags.DEFINE_enum("remat", "none", list(REMAT_POLICIES), "Remat policy.")
+flags.DEFINE_enum("attention", "auto", list(ATTENTION_IMPLS), "Attention implementation.")
 flags.DEFINE_integer("loss_chunk", 1024, "Sequence tokens per loss chunk.")
 flags.DEFINE_integer("steps", 10, "Timed steps (after two warm-up steps).")
 flags.DEFINE_list("mesh", ["1", "-1", "1", "1"], "data,fsdp,context,tp.")
@@ -53,7 +54,8 @@ def _settings():
     cfg, _ = run.resolve_model_config(c, tempfile.mkdtemp())
     return cfg, c.train.global_batch_size, c.data.seq_len, c.train.loss_chunk
   cfg = get_preset(FLAGS.preset)
-  cfg = cfg.replace(param_dtype="float32", compute_dtype=FLAGS.dtype, remat=FLAGS.remat)
+  cfg = cfg.replace(param_dtype="float32", compute_dtype=FLAGS.dtype, remat=FLAGS.remat,
+                    attention=FLAGS.attention)
   return cfg, FLAGS.batch, FLAGS.seq, FLAGS.loss_chunk
 
 
@@ -99,7 +101,8 @@ def main(argv):
   flops = metrics.train_flops_per_token(cfg, t) * b * t
   peak = metrics.device_peak_flops()
   print(f"model: {cfg.num_params() / 1e6:.1f}M params, batch {b} x seq {t}, compute "
-        f"{cfg.compute_dtype}, remat {cfg.remat}; {jax.device_count()} x "
+        f"{cfg.compute_dtype}, remat {cfg.remat}, attention {cfg.attention}; "
+        f"{jax.device_count()} x "
         f"{jax.devices()[0].device_kind}, mesh {dict(mesh.shape)}")
   line = (f"jaxdistill  {jax_s * 1e3:9.1f} ms/step  {b * t / jax_s:10,.0f} tokens/s  "
           f"{flops / jax_s / 1e9:8.1f} GFLOP/s  loss {float(m['loss']):.4f}")
