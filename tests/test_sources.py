@@ -130,6 +130,31 @@ def test_tfds_source_is_optional():
   pytest.skip("tensorflow_datasets is installed; reading needs a prepared dataset")
 
 
+def test_tfds_records_decode_to_json_like_values(monkeypatch):
+  # `tfds.data_source` returns features as bytes and numpy values with random access; a
+  # stand-in module with exactly that shape checks the adapter without TensorFlow.
+  import sys  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  records = [
+      {"question": "What is 2+2?".encode(), "thinking_trajectories": np.array([b"<t>4</t>"]),
+       "attempt": "\\boxed{4}".encode(), "cot_type": b"math", "metadata": np.int64(7)},
+      {"question": b"\xff\xfe broken", "thinking_trajectories": np.array([b"x"]),
+       "attempt": b"y", "cot_type": b"math", "metadata": np.int64(8)},
+  ]
+  calls = []
+  fake = types.ModuleType("tensorflow_datasets")
+  fake.data_source = lambda name, split, data_dir: calls.append((name, split, data_dir)) or records
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
+  src = sources.open_source("tfds:s1k@test")
+  assert calls == [("s1k", "test", None)] and len(src) == 2
+  first = src[0]
+  assert first.record == {"question": "What is 2+2?", "thinking_trajectories": ["<t>4</t>"],
+                          "attempt": "\\boxed{4}", "cot_type": "math", "metadata": 7}
+  assert first.location == "tfds:s1k@test:0"
+  bad = src[1]
+  assert bad.record is None and "invalid UTF-8" in bad.error and bad.location.endswith(":1")
+
+
 class _Ids:
   """A source of n records (tag, index)."""
 
