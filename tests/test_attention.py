@@ -204,3 +204,19 @@ def test_32k_token_packed_row_trains_in_bounded_memory():
     state, metrics = compiled(state, batch)
     curve.append(float(metrics["loss"]))
   assert np.all(np.isfinite(curve)) and curve[-1] < curve[0], curve
+
+
+def test_fused_kernel_inside_the_model_on_a_mesh_equals_dense():
+  # The shard_map wrapping (batch over data, heads over tp, kv heads repeated when tp does
+  # not divide them) that every fused kernel runs in, through the whole model and its
+  # gradients; the Pallas GPU kernel stands for both (the splash kernel itself is checked
+  # above, and the interpreter makes each one slow on CPU).
+  impl = "pallas_gpu"
+  batch = _batch(64, packed=True)
+  cfg = CFG.replace(num_kv_heads=1)  # tp=2 does not divide one kv head
+  want_loss, want = _loss_and_grads(cfg.replace(attention="dense"), (1, 1, 1, 1), batch)
+  got_loss, got = _loss_and_grads(cfg.replace(attention=impl, attention_block=128),
+                                  (2, 1, 1, 2), batch)
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+  for name in want:
+    np.testing.assert_allclose(got[name], want[name], atol=1e-5, rtol=1e-5, err_msg=name)
