@@ -185,7 +185,7 @@ class RowIterDataset(grain.IterDataset):
     return "RowIterDataset"
 
 
-class _RowIterator(grain.DatasetIterator):
+class _RowIterator(packing.ReaderIterator):
 
   def __init__(self, ds: RowIterDataset):
     super().__init__()
@@ -210,12 +210,3 @@ class _RowIterator(grain.DatasetIterator):
     self._close_reader()
     self._next_index = int(state["next_index"])
     self._counts = copy.deepcopy(state["stats"])
-
-  def _close_reader(self):
-    if self._reader is not None and hasattr(self._reader, "close"):
-      self._reader.close()
-    self._reader = None
-
-  def close(self):
-    self._close_reader()
-    super().close()

@@ -219,7 +219,23 @@ class PackIterDataset(grain.IterDataset):
     return f"PackIterDataset(seq_len={self.seq_len}, mode={self.mode}, bins={self.num_bins})"
 
 
-class _PackIterator(grain.DatasetIterator):
+class ReaderIterator(grain.DatasetIterator):
+  """An iterator reading its dataset through an inner iterator (`_reader`) that it opens
+  lazily at `_next_index`, and closes on restore (the position moves) and on close."""
+
+  _reader = None
+
+  def _close_reader(self):
+    if self._reader is not None and hasattr(self._reader, "close"):
+      self._reader.close()
+    self._reader = None
+
+  def close(self):
+    self._close_reader()
+    super().close()
+
+
+class _PackIterator(ReaderIterator):
 
   def __init__(self, ds: PackIterDataset):
     super().__init__()
@@ -286,15 +302,6 @@ class _PackIterator(grain.DatasetIterator):
       self._arrays[(i, j)] = fetched[i][j]
     self._bins.load(open_rows, [[len(self._arrays[k][0]) for k in row] for row in open_rows])
     self._ready = collections.deque(ready_rows)
-
-  def _close_reader(self):
-    if self._reader is not None and hasattr(self._reader, "close"):
-      self._reader.close()
-    self._reader = None
-
-  def close(self):
-    self._close_reader()
-    super().close()
 
   def __str__(self):
     return f"PackIterator(seq_len={self._ds.seq_len}, mode={self._ds.mode})"
