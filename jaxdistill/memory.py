@@ -1,0 +1,596 @@
+"""Memory planner: per-device bytes of a training step and of evaluation, from shapes alone.
+
+Pure functions of a `ModelConfig`, the run's batch/sequence settings and the mesh shape; no
+JAX tracing, so `tools/plan.py` can try thousands of candidate settings in a second.
+
+A training step holds its parameters, AdamW mu and nu, the batch and the gradients
+throughout (`Estimate.held`), plus the largest of these moments (`Estimate.moments`):
+  layer backward, MLP:       every layer's saved activations + one layer's recomputed
+                             forward and its MLP gradients (+ FSDP-gathered weights);
+  layer backward, attention: saved activations + the attention backward's temporaries;
+  loss backward:             saved activations + one loss chunk's logits and gradient;
+  optimizer update:          one more parameter-sized buffer (the AdamW update).
+Evaluation holds the parameters and the KV cache (and the decode step's copies of it).
+
+Where the numbers come from. Parameters, optimizer state and gradients are counted exactly
+from the parameter table (`param_shapes`) and `sharding.PARAM_AXES`; the tests check them
+against the compiled step's argument bytes. The rest was measured: `tests/test_plan.py`
+compiles the real train step (`train.make_train_step`) and the sampler's decode step on small
+configs on 8 simulated CPU devices and requires this estimate to lie within 20% of XLA's
+`compiled.memory_analysis()` (arguments + outputs that are not aliases + temporaries). The
+counts below (how many [B, T, F] buffers a policy keeps, how many score-sized buffers dense
+attention's backward holds, ...) were read off the buffer assignments of those compilations
+(`XLA_FLAGS=--xla_dump_to=DIR`, `*memory-usage-report.txt`). Over a sweep of 79 fp32 configs
+(remat none / full / save_dots / save_dots_no_batch, dense and blockwise attention, fsdp, tp,
+context parallelism, micro-batches, loss-dominated and MLP-dominated shapes) the estimate was
+0.86x-1.08x of XLA's figure (bf16 compute, 19 configs: 0.80x-1.09x; XLA:CPU emulates bf16
+in fp32 and keeps more fp32 buffers than followed here). They are XLA:CPU's choices: the
+GPU and TPU compilers fuse, schedule (FSDP gathers ahead of use) and allocate differently,
+and fused attention kernels cannot be compiled on CPU, so their terms and the GPU/TPU FSDP
+term are reasoned, not measured. Keep a margin.
+
+Shape letters follow model.py: B batch rows (per device, per micro-batch), T sequence,
+D model, N/K query/kv heads, H head dim, F MLP hidden, V vocab, L layers, C loss chunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+import types
+from collections.abc import Sequence
+
+from jaxdistill import attention, sharding
+from jaxdistill.model_config import ModelConfig
+
+GiB = 1024 ** 3
+_BYTES = {"float32": 4, "bfloat16": 2}
+
+
+# -- Hardware ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  name: str
+  platform: str  # "gpu" | "tpu" | "cpu": decides what attention="auto" runs
+  hbm_bytes: int  # memory one JAX device sees
+  peak_flops: float  # dense bf16 FLOP/s per device
+
+
+# One JAX device each. A v5p or v4 chip is two TensorCores run as one device (megacore), and
+# Cloud TPU names count TensorCores for those generations: v5p-128 is 64 devices. Memory: what
+# nvidia-smi reports for the GPUs; the TPU datasheets' "GB" read as 10^9 bytes (the lower).
+_MiB = 1024 ** 2
+CHIPS = {
+    "H100": Chip("H100", "gpu", 81559 * _MiB, 989e12),
+    "H200": Chip("H200", "gpu", 143771 * _MiB, 989e12),
+    "A100": Chip("A100", "gpu", 81920 * _MiB, 312e12),
+    "v4": Chip("TPU v4", "tpu", 32 * 10**9, 275e12),
+    "v5e": Chip("TPU v5e", "tpu", 16 * 10**9, 197e12),
+    "v5p": Chip("TPU v5p", "tpu", 95 * 10**9, 459e12),
+    "v6e": Chip("TPU v6e", "tpu", 32 * 10**9, 918e12),
+}
+_CORES_PER_DEVICE = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  name: str
+  chip: Chip
+  devices: int
+
+
+def topology(name: str) -> Topology:
+  """"8xH100", "16xH200", "v5p-128" (TensorCores, 64 devices), "v6e-256", "v5e-256"."""
+  gpu = re.fullmatch(r"(\d+)x(H100|H200|A100)", name, re.IGNORECASE)
+  if gpu:
+    return Topology(name, CHIPS[gpu.group(2).upper()], int(gpu.group(1)))
+  tpu = re.fullmatch(r"(v4|v5e|v5p|v6e)-(\d+)", name, re.IGNORECASE)
+  if tpu:
+    gen = tpu.group(1).lower()
+    cores = int(tpu.group(2))
+    if cores % _CORES_PER_DEVICE[gen]:
+      raise ValueError(f"{name}: {gen} slices count TensorCores, two per device")
+    return Topology(name, CHIPS[gen], cores // _CORES_PER_DEVICE[gen])
+  raise ValueError(f"unknown topology {name!r}: use NxH100, NxH200, NxA100, v4-N, v5e-N, "
+                   "v5p-N or v6e-N")
+
+
+# -- Inputs -----------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class TrainShape:
+  """The train-step settings that decide memory (the run config's train/data fields)."""
+  global_batch_size: int
+  seq_len: int
+  micro_batches: int = 1
+  loss_chunk: int = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalShape:
+  """What the sampler holds during evaluation (the run config's eval section)."""
+  batch_size: int = 8  # prompts decoding at once
+  num_samples: int = 64  # rows per prompt
+  max_new_tokens: int = 32768
+  prompt_len: int = 256  # the prompt bucket (a power of two above the longest prompt)
+  compute_dtype: str = "float32"
+  cache_dtype: str = "float32"
+
+
+def resolve_mesh(shape: Sequence[int], devices: int) -> tuple[int, int, int, int]:
+  """(data, fsdp, context, tp) with a -1 entry replaced, as sharding.make_mesh does."""
+  shape = list(shape)
+  if len(shape) != 4 or shape.count(-1) > 1:
+    raise ValueError(f"mesh shape {shape} must have 4 entries, at most one -1")
+  if -1 in shape:
+    known = math.prod(s for s in shape if s != -1)
+    if devices % known:
+      raise ValueError(f"mesh shape {shape}: {devices} devices are not divisible by {known}")
+    shape[shape.index(-1)] = devices // known
+  if math.prod(shape) != devices:
+    raise ValueError(f"mesh shape {shape} needs {math.prod(shape)} devices, not {devices}")
+  return tuple(shape)
+
+
+# -- Parameters -------------------------------------------------------------------------------
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """Every parameter's shape under its model.py path (equals `model.abstract_model`, tested)."""
+  d, n, k, h, f, v, l = (cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                         cfg.mlp_dim, cfg.vocab_size, cfg.num_layers)
+  shapes = {
+      "embed_tokens/embedding": (v, d),
+      "layers/self_attn/q_proj/kernel": (l, d, n, h),
+      "layers/self_attn/k_proj/kernel": (l, d, k, h),
+      "layers/self_attn/v_proj/kernel": (l, d, k, h),
+      "layers/self_attn/o_proj/kernel": (l, n, h, d),
+      "layers/mlp/gate_proj/kernel": (l, d, f),
+      "layers/mlp/up_proj/kernel": (l, d, f),
+      "layers/mlp/down_proj/kernel": (l, f, d),
+      "layers/input_layernorm/scale": (l, d),
+      "layers/post_attention_layernorm/scale": (l, d),
+      "norm/scale": (d,),
+  }
+  if cfg.qkv_bias:
+    shapes.update({"layers/self_attn/q_proj/bias": (l, n, h),
+                   "layers/self_attn/k_proj/bias": (l, k, h),
+                   "layers/self_attn/v_proj/bias": (l, k, h)})
+  if not cfg.tie_embeddings:
+    shapes["lm_head/kernel"] = (d, v)
+  return shapes
+
+
+def _shard_elements(path: str, shape, mesh: tuple[int, ...]) -> int:
+  """Elements of one parameter on one device, by the sharding table (raises if it does not
+  divide, with sharding.param_spec's message)."""
+  spec = sharding.param_spec(path, shape, _FakeMesh(mesh))
+  elements = 1
+  for dim, entry in zip(shape, tuple(spec) + (None,) * len(shape)):
+    names = () if entry is None else ((entry,) if isinstance(entry, str) else entry)
+    elements *= dim // math.prod(mesh[sharding.MESH_AXES.index(a)] for a in names)
+  return elements
+
+
+def _FakeMesh(mesh):  # pylint: disable=invalid-name
+  """What sharding.param_spec reads of a Mesh (its axis sizes), without devices."""
+  return types.SimpleNamespace(shape=dict(zip(sharding.MESH_AXES, mesh)))
+
+
+def param_bytes(cfg: ModelConfig, mesh: tuple[int, ...], dtype: str | None = None,
+                layers_only: bool = False) -> int:
+  """Bytes of the parameters on one device (in `dtype`, default the param dtype)."""
+  shapes = tuple(sorted(param_shapes(cfg).items()))
+  return _elements(shapes, tuple(mesh), layers_only) * _BYTES[dtype or cfg.param_dtype]
+
+
+@functools.lru_cache(maxsize=4096)
+def _elements(shapes, mesh, layers_only) -> int:  # cached: suggest() asks per candidate
+  return sum(_shard_elements(p, s, mesh) for p, s in shapes
+             if not layers_only or p.startswith("layers/"))
+
+
+# -- The estimate -----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Estimate:
+  """Per-device bytes: what is held throughout, plus the largest of the step's moments."""
+  held: dict[str, int]  # live for the whole step
+  moments: dict[str, dict[str, int]]  # moment -> its terms; only one moment is live at a time
+  notes: list[str] = dataclasses.field(default_factory=list)
+  problems: list[str] = dataclasses.field(default_factory=list)  # settings that cannot run
+
+  @property
+  def phase(self) -> str:
+    """The moment of the peak."""
+    return max(self.moments, key=lambda m: sum(self.moments[m].values()), default="")
+
+  @property
+  def peak(self) -> int:
+    top = max((sum(m.values()) for m in self.moments.values()), default=0)
+    return sum(self.held.values()) + top
+
+  def fits(self, hbm_bytes: int, margin: float) -> bool:
+    return not self.problems and self.peak <= hbm_bytes * (1 - margin)
+
+  def to_dict(self) -> dict:
+    return dict(dataclasses.asdict(self), peak=self.peak, phase=self.phase)
+
+
+def attention_impl(cfg: ModelConfig, seq_len: int, context: int, platform: str) -> str:
+  """What attention.self_attention runs for this config on `platform` (see attention.py)."""
+  if context > 1:
+    return "context"  # blockwise over all-gathered K/V
+  if cfg.attention != "auto":
+    return cfg.attention
+  if platform == "tpu":
+    return "splash"
+  if platform == "gpu":
+    return "pallas_gpu"
+  return "dense" if seq_len <= attention.DENSE_MAX_T else "blockwise"
+
+
+# Coefficients measured on XLA:CPU (see the module docstring and tests/test_plan.py).
+# Dense attention's backward holds about this many fp32 [B, N, T, T] score-sized buffers
+# (scores, probabilities, their gradient) besides the boolean mask.
+_DENSE_BWD_SCORES = 3.0
+# Without remat, the MLP backward's fresh gradient buffers, in [B, T, F] and [B, T, D] units.
+_MLP_BWD_BTF = 6
+_MLP_BWD_BTD = 2
+# A loss chunk's backward holds its fp32 logits [B, C, V] and their gradient (and both again
+# in the compute dtype when that is not fp32: the head's output and the gradient into it).
+_LOSS_CHUNK_FP32 = 2.0
+
+
+def estimate_train(cfg: ModelConfig, shape: TrainShape, mesh: tuple[int, int, int, int],
+                   platform: str = "gpu") -> Estimate:
+  """Per-device memory of one training step (train.make_train_step, AdamW, donated state).
+
+  Args:
+    cfg: the model (its remat, attention, dtypes).
+    shape: batch, sequence, micro-batches and loss chunk.
+    mesh: (data, fsdp, context, tp) sizes, resolved (no -1).
+    platform: "gpu" | "tpu" | "cpu", for what attention="auto" resolves to.
+  Returns:
+    An Estimate; `problems` lists settings the trainer would refuse.
+  """
+  data, fsdp, context, tp = mesh
+  problems = []
+  dp = data * fsdp
+  micro = shape.micro_batches
+  if shape.global_batch_size % (dp * micro):  # worded as run.validate words it
+    problems.append(
+        f"train.global_batch_size={shape.global_batch_size} is not divisible by data x fsdp "
+        f"({dp}) x train.micro_batches ({micro}) = {dp * micro}; make it a multiple of "
+        f"{dp * micro}")
+  if cfg.num_heads % tp:
+    problems.append(f"the model's {cfg.num_heads} attention heads are not divisible by "
+                    f"mesh tp={tp}; choose tp dividing {cfg.num_heads}")
+  if shape.seq_len % (2 * context):
+    problems.append(f"data.seq_len={shape.seq_len} is not divisible by 2 x context "
+                    f"({2 * context}): context parallelism splits rows into 2 x context chunks")
+  try:
+    params = param_bytes(cfg, mesh)
+    layer_params_full = param_bytes(cfg, (1, 1, 1, tp), layers_only=True) // cfg.num_layers
+  except ValueError as e:
+    problems.append(str(e))
+    return Estimate({}, {}, problems=problems)
+  rows = max(1, shape.global_batch_size // dp)  # rows per device per step
+  b = max(1, rows // shape.micro_batches)  # rows per device per micro-batch
+  t_full = shape.seq_len
+  t = t_full // context
+  c = _BYTES[cfg.compute_dtype]
+  p = _BYTES[cfg.param_dtype]
+  d, h = cfg.d_model, cfg.head_dim
+  n = cfg.num_heads // tp if cfg.num_heads % tp == 0 else cfg.num_heads
+  kvh = cfg.num_kv_heads // tp if cfg.num_kv_heads % tp == 0 else cfg.num_kv_heads
+  f = cfg.mlp_dim // tp
+  v = cfg.vocab_size // tp
+  impl = attention_impl(cfg, t_full, context, platform)
+
+  btd, btd32 = b * t * d * c, b * t * d * 4
+  btf = b * t * f * c
+  btq = b * t * n * h * c
+  btk = b * t * kvh * h * c
+  scores = b * n * t * t_full  # elements of one layer's [B, N, T, S] scores
+
+  # What one layer keeps for the backward pass, by policy (jax.checkpoint_policies): the
+  # layer input is always kept (the scan carry); dots_with_no_batch_dims are the weight
+  # matmuls q, k, v, o, gate, up, down; dots_saveable adds the attention matmuls when they
+  # are visible to the policy (dense only: fused and blockwise attention are custom calls).
+  # XLA:CPU has no bf16 arithmetic: it computes in fp32 and keeps many bf16 results (the
+  # saved matmul outputs, silu parts, norms, residual sums) in fp32 (measured: bf16 buffer
+  # dumps); GPUs and TPUs keep them in bf16. `e` is the bytes of those.
+  e = 4 if platform == "cpu" else c
+  btf_e, btd_e = b * t * f * e, b * t * d * e
+  projections = (btq + 2 * btk) // c * e + 2 * btd_e + 2 * btf_e
+  if impl == "dense":
+    attn_keep_none = scores * (4 + c) + 2 * btq + 2 * btk  # masked scores f32, probs, q, k, v
+    attn_dots = scores * 4 + btq
+  elif impl in ("blockwise", "context"):
+    # q, k, v and the output in the blocked layout, lse, and the output unblocked again
+    attn_keep_none = 3 * btq + 2 * btk + b * n * t * 4
+    attn_dots = 0
+  else:  # fused kernels keep K and V repeated to every query head
+    attn_keep_none = 5 * btq + b * n * t * 4
+    attn_dots = 0
+  # Without remat every intermediate stays: 6 [B,T,F] (gate, up, silu parts, product),
+  # 7 [B,T,D] in the compute dtype and the two RMSNorm inputs in fp32, the attention
+  # residuals, and each layer's weights cast to the compute dtype when that is a copy (the
+  # cast of the local shard; XLA gathers FSDP weights again in the backward, measured).
+  cast_weights = layer_params_full // p * c // fsdp if c != p else 0
+  keep_none = (2 * btf + 4 * btf_e + 2 * btd + 5 * btd_e + 2 * btd32 + attn_keep_none
+               + cast_weights)
+  remat = cfg.remat
+  if remat == "offload_dots" and platform == "cpu":
+    remat = "save_dots_no_batch"  # host memory is device memory: nothing moves
+  keep = {
+      "none": keep_none,
+      "full": btd,
+      "save_dots_no_batch": btd + projections,
+      "save_dots": btd + projections + attn_dots,
+      "offload_dots": btd,
+  }[remat]
+  saved = cfg.num_layers * keep
+
+  # One layer's backward has two high points. Right after its forward is recomputed, every
+  # residual the policy did not keep is live; the MLP's gradients then reuse those buffers as
+  # they are consumed. Without remat the residuals sit in [L, ...] stacks that stay whole
+  # until the loop ends, so the backward needs fresh buffers: about as many [B,T,F] as the
+  # forward made (measured). Later, the attention backward: dense attention holds about
+  # three fp32 score-sized buffers (scores, probabilities, their gradient) and the boolean
+  # masks; the other implementations hold fp32 dq, dk, dv and a few block tiles.
+  recompute = 0 if remat == "none" else keep_none - keep
+  mlp_temps = _MLP_BWD_BTF * btf_e if remat == "none" else 0
+  mlp_moment = recompute + mlp_temps + _MLP_BWD_BTD * btd
+  if impl == "dense":
+    attn_temps = int(_DENSE_BWD_SCORES * scores * 4) + scores + b * t * t_full
+  elif impl == "blockwise":
+    block = min(cfg.attention_block, t_full)
+    attn_temps = 4 * b * n * block * block * 4 + btq // c * 4 + 2 * btk // c * 4 + b * n * t * 4
+  elif impl == "context":
+    block = min(cfg.attention_block, t_full)
+    kv_heads = kvh if cfg.num_kv_heads % tp == 0 else n  # replicated kv heads are repeated
+    gathered_kv = 2 * b * t_full * kv_heads * h * c
+    attn_temps = (gathered_kv + gathered_kv // c * 4  # K, V of the whole sequence, dK, dV
+                  + 4 * b * n * block * block * 4 + btq // c * 4 + b * n * t * 4)
+  else:  # fused kernels repeat K and V to every query head (attention._repeat_kv); their
+    # backward writes dq, dk, dv over all heads; the score tiles live on chip (not measured)
+    attn_temps = 2 * btq + 3 * btq // c * 4 + b * n * t * 4
+  attention_moment = attn_temps + 2 * btq + 2 * btk + 4 * btd
+  # FSDP gathers each layer's weights whole (XLA gathers the param dtype, then casts) and
+  # makes its gradient whole before reducing it. On XLA:CPU that costs about one layer's
+  # weights beyond the unsharded run (measured). GPU and TPU compilers gather the next
+  # layer while this one computes: counted as two gathered layers and one whole gradient.
+  fsdp_layer = 0
+  if fsdp > 1:
+    fsdp_layer = layer_params_full * (1 if platform == "cpu" else 3)
+
+  # The loss: per chunk of C tokens [B, C, V] logits in fp32 and their gradient; with FSDP
+  # the output head is gathered whole for the chunk loop and its gradient accumulated whole.
+  chunk = min(shape.loss_chunk, t_full)
+  if context > 1:  # each chunk takes chunk / context tokens from every device (losses.py)
+    chunk = math.gcd(t, max(1, chunk // context))
+  loss = int(_LOSS_CHUNK_FP32 * b * chunk * v * 4) + (2 * b * chunk * v * c if c != 4 else 0)
+  head = d * v  # the output head's elements on one device once gathered
+  head_gather = head * c + head * p if fsdp > 1 else 0
+
+  saved_name = f"saved activations, {cfg.num_layers} layers (remat={cfg.remat})"
+  gathers = {"FSDP-gathered layer weights and gradient": fsdp_layer} if fsdp_layer else {}
+  if remat == "offload_dots":
+    gathers["host transfer buffers"] = 2 * projections
+  moments = {
+      "layer backward, MLP": {saved_name: saved,
+                              ("MLP gradients" if remat == "none" else
+                               "one layer recomputed + gradients"): mlp_moment,
+                              **gathers},
+      "layer backward, attention": {saved_name: saved,
+                                    f"attention backward ({impl})": attention_moment,
+                                    **gathers},
+      "loss backward": {saved_name: saved, f"loss chunk of {chunk} tokens": loss,
+                        "final hidden states": btd32,
+                        **({"FSDP-gathered output head and gradient": head_gather}
+                           if head_gather else {})},
+      "optimizer update": {"AdamW update": params},
+  }
+  held = {
+      f"parameters ({cfg.param_dtype})": params,
+      f"AdamW mu, nu ({cfg.param_dtype})": 2 * params,
+      "gradients" + (" + accumulator" if shape.micro_batches > 1 else ""):
+          params * (2 if shape.micro_batches > 1 else 1),
+      "batch": rows * t_full * (4 * 4 + 1),  # inputs, targets, positions, segments, mask
+  }
+  notes = [f"{b} row(s) x {t} tokens per micro-batch, attention {impl}"]
+  if cfg.remat == "offload_dots" and platform != "cpu":
+    notes.append(f"offload_dots keeps {_fmt(cfg.num_layers * projections)} per device in "
+                 "host memory")
+  return Estimate(held, moments, notes, problems)
+
+
+def estimate_eval(cfg: ModelConfig, shape: EvalShape, mesh: tuple[int, int, int, int]
+                  ) -> Estimate:
+  """Per-device memory of sampling (sampler.py): parameters, the KV cache, decode state.
+
+  Rows are prompts x samples, with prompts padded to a multiple of data x fsdp (x context,
+  which evaluation folds into data) and rows split over them; the cache holds
+  [L, rows, P + max_new_tokens, K, H] keys and values (kv heads over tp when they divide,
+  as XLA lays out prefill's output; measured on a (1, 2, 1, 2) mesh). A decode step runs
+  the layers as a scan that reads the cache as its input and writes the updated cache as
+  its output; XLA:CPU holds two more cache-sized buffers for that besides the donated state
+  (measured: `_decode`'s temporaries are 2.0x the cache), which dominates a refill's
+  prefill of fresh rows.
+  """
+  data, fsdp, context, tp = mesh
+  mesh = (data * context, fsdp, 1, tp)  # run.run_eval folds context into data for decoding
+  dp = data * context * fsdp
+  problems = []
+  if cfg.num_heads % tp:
+    problems.append(f"the model's {cfg.num_heads} attention heads are not divisible by "
+                    f"mesh tp={tp}; choose tp dividing {cfg.num_heads}")
+  try:
+    params = param_bytes(cfg, mesh)
+  except ValueError as e:
+    return Estimate({}, {}, problems=[str(e)])
+  slots = shape.batch_size + (-shape.batch_size % dp)
+  rows = slots * shape.num_samples // dp
+  length = shape.prompt_len + shape.max_new_tokens
+  kvh = cfg.num_kv_heads // tp if cfg.num_kv_heads % tp == 0 else cfg.num_kv_heads
+  cache = 2 * cfg.num_layers * rows * length * kvh * cfg.head_dim * _BYTES[shape.cache_dtype]
+  n = max(1, cfg.num_heads // tp)
+  # One query per row attends over the whole cache: fp32 scores [rows, N, S] of a layer;
+  # logits [rows, V] in fp32 for sampling; one layer's cache cast to the compute dtype.
+  decode = rows * n * length * 4 + rows * cfg.vocab_size * 4 * 2
+  if shape.cache_dtype != shape.compute_dtype:
+    decode += cache // cfg.num_layers // _BYTES[shape.cache_dtype] * _BYTES[shape.compute_dtype]
+  held = {f"parameters ({cfg.param_dtype})": params, f"KV cache ({shape.cache_dtype})": cache,
+          "KV cache rewritten by the layer scan (2 copies)": 2 * cache}
+  notes = [f"{rows} row(s) ({slots} prompts x {shape.num_samples} samples over {dp} "
+           f"data-parallel devices) x {length} cache slots"]
+  return Estimate(held, {"decode step": {"scores, logits, cast cache": decode}}, notes,
+                  problems)
+
+
+def _fmt(n: int) -> str:
+  return f"{n / GiB:.2f} GiB"
+
+
+# -- Suggestions ------------------------------------------------------------------------------
+
+# Remat policies from most to least memory kept; and the rough cost of each in recomputation
+# (full remat runs the forward twice: ~4/3 of the step's FLOPs).
+REMAT_ORDER = ("none", "save_dots", "save_dots_no_batch", "offload_dots", "full")
+_RECOMPUTE = {"none": 1.0, "save_dots": 1.02, "save_dots_no_batch": 1.1, "offload_dots": 1.05,
+              "full": 1.33}
+
+
+@dataclasses.dataclass
+class Suggestion:
+  overrides: dict[str, object]  # run-config key -> value, e.g. {"train.micro_batches": 4}
+  estimate: Estimate
+  cost: float  # rough step-time factor against the settings as given (1.0)
+
+  def flags(self) -> str:
+    def value(v):
+      return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+    return " ".join(f"--config.{k}={value(v)}" for k, v in self.overrides.items())
+
+
+def _first_distinct(found: list[Suggestion], limit: int) -> list[Suggestion]:
+  """Cheapest first (then fewest changes), leaving out any that only adds changes to one
+  already listed."""
+  found.sort(key=lambda x: (round(x.cost, 3), len(x.overrides), x.estimate.peak))
+  kept = []
+  for s in found:
+    items = set((k, str(v)) for k, v in s.overrides.items())
+    if not any(set((k, str(v)) for k, v in k_.overrides.items()) <= items for k_ in kept):
+      kept.append(s)
+    if len(kept) == limit:
+      break
+  return kept
+
+
+def _divisors(n: int) -> list[int]:
+  return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def _cost(cfg, shape, mesh, base_cfg, base_shape, base_mesh) -> float:
+  """A rough ordering of settings by step time, not a prediction: recomputation first, then
+  communication (tensor and context parallelism, FSDP gathers repeated per micro-batch)."""
+  def comm(m):
+    return 1 + 0.08 * math.log2(m[3]) + 0.05 * math.log2(m[2])
+  cost = _RECOMPUTE[cfg.remat] / _RECOMPUTE[base_cfg.remat] * comm(mesh) / comm(base_mesh)
+  cost *= 1 + 0.02 * math.log2(shape.micro_batches / base_shape.micro_batches)
+  cost *= 1 + 0.01 * math.log2(base_shape.loss_chunk / shape.loss_chunk)
+  return cost
+
+
+def suggest(cfg: ModelConfig, shape: TrainShape, mesh: tuple[int, int, int, int], chip: Chip,
+            margin: float = 0.1, limit: int = 5) -> list[Suggestion]:
+  """The first `limit` settings (by `_cost`, then fewest changes) whose training step fits.
+
+  Searches the mesh (data x fsdp x context x tp over the same devices, tp dividing the heads
+  and at most 8), micro-batches, remat policies that keep less, smaller loss chunks, and
+  blockwise attention where dense was asked for.
+  """
+  devices = math.prod(mesh)
+  budget = chip.hbm_bytes * (1 - margin)
+  meshes = {mesh}
+  for tp in _divisors(cfg.num_heads):
+    for context in (1, 2, 4, 8, 16, 32):
+      if tp > 8 or devices % (tp * context) or shape.seq_len % (2 * context):
+        continue
+      meshes.add((1, devices // (tp * context), context, tp))
+  remats = REMAT_ORDER[REMAT_ORDER.index(cfg.remat):]
+  if chip.platform == "cpu":
+    remats = tuple(r for r in remats if r != "offload_dots")
+  chunks = [shape.loss_chunk] + [x for x in (1024, 512, 256) if x < shape.loss_chunk]
+  attentions = [cfg.attention] + (["auto"] if cfg.attention == "dense" else [])
+  found = []
+  for m in meshes:
+    dp = m[0] * m[1]
+    if shape.global_batch_size % dp:
+      continue
+    for micro in _divisors(shape.global_batch_size // dp):
+      for remat in remats:
+        for chunk in chunks:
+          for attention in attentions:
+            c = cfg.replace(remat=remat, attention=attention)
+            s = dataclasses.replace(shape, micro_batches=micro, loss_chunk=chunk)
+            est = estimate_train(c, s, m, chip.platform)
+            if est.problems or est.peak > budget:
+              continue
+            overrides = {}
+            if m != mesh:
+              overrides["mesh.shape"] = m
+            if micro != shape.micro_batches:
+              overrides["train.micro_batches"] = micro
+            if remat != cfg.remat:
+              overrides["model.remat"] = remat
+            if chunk != shape.loss_chunk:
+              overrides["train.loss_chunk"] = chunk
+            if attention != cfg.attention:
+              overrides["model.attention"] = attention
+            found.append(Suggestion(overrides, est, _cost(c, s, m, cfg, shape, mesh)))
+  return _first_distinct(found, limit)
+
+
+def suggest_eval(cfg: ModelConfig, shape: EvalShape, mesh: tuple[int, int, int, int],
+                 chip: Chip, margin: float = 0.1, limit: int = 3) -> list[Suggestion]:
+  """Evaluation settings that fit: a bf16 cache, fewer prompts at once, tensor parallelism
+  over the kv heads (rows cannot go below data x fsdp prompts x samples), and, last, fewer
+  samples per prompt (which changes what avg@n averages over)."""
+  devices = math.prod(mesh)
+  budget = chip.hbm_bytes * (1 - margin)
+  meshes = {mesh} | {(1, devices // tp, 1, tp) for tp in _divisors(cfg.num_heads)
+                     if tp <= 8 and devices % tp == 0}
+  found = []
+  for m in meshes:
+    for cache_dtype in dict.fromkeys((shape.cache_dtype, "bfloat16")):
+      dp = m[0] * m[1]
+      # Prompts are padded to a multiple of data x fsdp: of the batch sizes that give the
+      # same rows, only the largest.
+      batches = {k + (-k % dp): k for k in _divisors(shape.batch_size)}.values()
+      for batch in batches:
+        for samples in [shape.num_samples // 2 ** i for i in range(4)
+                        if shape.num_samples % 2 ** i == 0]:
+          s = dataclasses.replace(shape, cache_dtype=cache_dtype, batch_size=batch,
+                                  num_samples=samples)
+          est = estimate_eval(cfg, s, m)
+          if est.problems or est.peak > budget:
+            continue
+          overrides = {}
+          if m != mesh:
+            overrides["mesh.shape"] = m
+          if cache_dtype != shape.cache_dtype:
+            overrides["eval.cache_dtype"] = cache_dtype
+          if batch != shape.batch_size:
+            overrides["eval.batch_size"] = batch
+          if samples != shape.num_samples:
+            overrides["eval.num_samples"] = samples
+          # Time grows as fewer prompts decode at once; fewer samples is a different metric.
+          cost = (shape.batch_size / batch) ** 0.5 * (1 + 0.08 * math.log2(m[3]))
+          cost += 10 * math.log2(shape.num_samples / samples)
+          found.append(Suggestion(overrides, est, cost))
+  return _first_distinct(found, limit)

@@ -1,0 +1,166 @@
+"""The memory planner against XLA: memory.py's per-device estimate of the real train step and
+decode step vs `compiled.memory_analysis()` on CPU, plus the CLI's suggestions."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxdistill import memory, model as model_lib, sampler, sharding, train
+from jaxdistill.model_config import ModelConfig
+from jaxdistill.optimizer import OptimConfig, make_optimizer, make_schedule
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(model_type="qwen2", vocab_size=512, d_model=64, num_layers=2, num_heads=4,
+            num_kv_heads=2, head_dim=16, mlp_dim=128, qkv_bias=True, tie_embeddings=False,
+            attention="dense")
+WIDE = dict(TINY, d_model=128, mlp_dim=1024, head_dim=32)  # MLP-heavy: [B,T,F] dominates
+
+# name: (model fields, global batch, seq, loss chunk, micro-batches, mesh). Each exercises
+# a different dominant term: dense scores, MLP activations, FSDP, tp, accumulation, context
+# parallelism, and a 32k-token packed row under blockwise attention.
+CASES = {
+    "full_dense": (dict(TINY, remat="full"), 2, 256, 128, 1, (1, 1, 1, 1)),
+    "none_dense_long": (dict(TINY, remat="none"), 2, 512, 128, 1, (1, 1, 1, 1)),
+    "full_fsdp2": (dict(WIDE, remat="full"), 4, 64, 64, 1, (1, 2, 1, 1)),
+    "save_dots_no_batch_tp2": (dict(WIDE, remat="save_dots_no_batch"), 2, 64, 64, 1,
+                               (1, 1, 1, 2)),
+    "full_bf16_micro2": (dict(WIDE, remat="full", compute_dtype="bfloat16"), 4, 256, 64, 2,
+                         (1, 1, 1, 1)),
+    "blockwise_context2_tp2": (dict(TINY, remat="full", attention="blockwise"), 1, 8192, 1024,
+                               1, (1, 1, 2, 2)),
+    "blockwise_32k": (dict(TINY, remat="full", attention="blockwise"), 1, 32768, 1024, 1,
+                      (1, 1, 1, 1)),
+}
+
+
+def _compiled_train_step(cfg: ModelConfig, shape: memory.TrainShape, mesh_shape):
+  """The trainer's jitted step (as train.run builds it), compiled for abstract inputs."""
+  mesh = sharding.make_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
+  optim = OptimConfig(lr=1e-4, total_steps=100, warmup_steps=1, weight_decay=0.1)
+  optimizer = make_optimizer(optim)
+  graphdef = nnx.graphdef(model_lib.abstract_model(cfg))
+  abs_params = train.abstract_params(cfg)
+  p_shard = train.param_shardings(abs_params, mesh)
+  abs_opt = jax.eval_shape(optimizer.init, abs_params)
+  o_shard = train.opt_state_shardings(abs_opt, abs_params, mesh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state_shard = train.TrainState(step=replicated, params=p_shard, opt_state=o_shard)
+  state = train.TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+                           train.with_shardings(abs_params, p_shard),
+                           train.with_shardings(abs_opt, o_shard))
+  rows = sharding.batch_sharding(mesh, 2)
+  batch = {k: jax.ShapeDtypeStruct((shape.global_batch_size, shape.seq_len),
+                                   jnp.bool_ if k == "loss_mask" else jnp.int32, sharding=rows)
+           for k in ("inputs", "targets", "loss_mask", "positions", "segment_ids")}
+  tcfg = train.TrainConfig(global_batch_size=shape.global_batch_size,
+                           micro_batches=shape.micro_batches, seq_len=shape.seq_len,
+                           loss_chunk=shape.loss_chunk)
+  step = jax.jit(train.make_train_step(graphdef, optimizer, make_schedule(optim), tcfg),
+                 in_shardings=(state_shard, None), out_shardings=(state_shard, None),
+                 donate_argnums=0)
+  with jax.set_mesh(mesh):
+    return step.lower(state, batch).compile()
+
+
+def _peak(analysis) -> int:
+  """What a device holds at the step's peak: its arguments (the donated state aliases the
+  outputs), the outputs that are not aliases, and XLA's temporaries."""
+  return (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+          - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_train_estimate_is_within_20_percent_of_xla(name):
+  fields, batch, seq, chunk, micro, mesh = CASES[name]
+  cfg = ModelConfig(**fields)
+  shape = memory.TrainShape(global_batch_size=batch, seq_len=seq, micro_batches=micro,
+                            loss_chunk=chunk)
+  analysis = _compiled_train_step(cfg, shape, mesh).memory_analysis()
+  est = memory.estimate_train(cfg, shape, mesh, platform="cpu")
+  assert not est.problems
+  # The arguments are counted exactly: parameters, AdamW mu and nu, the batch (and the step
+  # counters, a few bytes).
+  held = est.held
+  arguments = sum(v for k, v in held.items() if not k.startswith("gradients"))
+  assert 0 <= analysis.argument_size_in_bytes - arguments < 1024, (held, analysis)
+  ratio = est.peak / _peak(analysis)
+  print(f"{name}: estimate {est.peak / 2**20:.1f} MiB, XLA {_peak(analysis) / 2**20:.1f} MiB, "
+        f"ratio {ratio:.3f} ({est.phase})")
+  assert 0.8 <= ratio <= 1.2, (name, ratio, est.to_dict())
+
+
+def test_eval_estimate_is_within_20_percent_of_the_decode_step():
+  """The sampler's decode step (state donated, laid out as prefill leaves it) on a (1, 2, 1, 2)
+  mesh: 4 prompts x 8 samples, 2,080 cache slots. Its KV cache dominates (kv heads over tp),
+  with the layer scan's two copies of it."""
+  cfg = ModelConfig(**dict(TINY, attention="auto"))
+  mesh_shape, slots, n, prompt, new = (1, 2, 1, 2), 4, 8, 32, 2048
+  mesh = sharding.make_mesh(mesh_shape, jax.devices()[:4])
+  graphdef, abs_state = nnx.split(model_lib.abstract_model(cfg))
+  params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abs_state, model_lib.state_shardings(abs_state, mesh))
+  static = dict(graphdef=graphdef, n=n, cache_len=prompt + new, cache_dtype=jnp.float32,
+                cfg=sampler.SamplingConfig(max_new_tokens=new),
+                cache_shape=(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim))
+  tokens = jax.ShapeDtypeStruct((slots, prompt), jnp.int32,
+                                sharding=sharding.batch_sharding(mesh, 2))
+  lengths = jax.ShapeDtypeStruct((slots,), jnp.int32, sharding=sharding.batch_sharding(mesh, 1))
+  prefill, decode = sampler._prefill, sampler._decode  # pylint: disable=protected-access
+  with jax.set_mesh(mesh):
+    args = (params, tokens, lengths, lengths, jax.random.key(0))
+    state = jax.eval_shape(lambda *a: prefill(*a, **static), *args)
+    layout = prefill.lower(*args, **static).compile().output_shardings
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
+                         layout)
+    compiled = decode.lower(params, state, steps=16, **static).compile()
+  est = memory.estimate_eval(cfg, memory.EvalShape(batch_size=slots, num_samples=n,
+                                                   max_new_tokens=new, prompt_len=prompt),
+                             mesh_shape)
+  ratio = est.peak / _peak(compiled.memory_analysis())
+  print(f"decode: estimate {est.peak / 2**20:.1f} MiB, ratio {ratio:.3f}")
+  assert 0.8 <= ratio <= 1.2, (ratio, est.to_dict())
+
+
+def test_param_shapes_are_the_models():
+  for cfg in (ModelConfig(**TINY), ModelConfig(**dict(TINY, qkv_bias=False,
+                                                      tie_embeddings=True))):
+    want = {path: x.shape for path, x in model_lib.flat_params(
+        model_lib.abstract_model(cfg)).items()}
+    assert memory.param_shapes(cfg) == want
+
+
+def test_topologies():
+  v5p = memory.topology("v5p-128")
+  assert (v5p.devices, v5p.chip.hbm_bytes, v5p.chip.platform) == (64, 95 * 10**9, "tpu")
+  assert memory.topology("v6e-256").devices == 256
+  h100 = memory.topology("8xH100")
+  assert (h100.devices, h100.chip.platform) == (8, "gpu")
+  assert memory.resolve_mesh((1, -1, 1, 8), 64) == (1, 8, 1, 8)
+  with pytest.raises(ValueError, match="unknown topology"):
+    memory.topology("8xV100")
+
+
+def _plan(*args):
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "plan.py"), "--json", *args],
+                       capture_output=True, text=True, check=True, cwd=ROOT,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  return json.loads(out.stdout)
+
+
+def test_cli_suggestions_fit_when_applied():
+  """7B SFT at 12 rows a device does not fit an H100; the first suggestion, applied as the
+  flags it prints, does."""
+  plan = _plan("--config=configs/qwen2_5_7b_sft.py", "--topology=8xH100")
+  assert not plan["train"]["fits"] and plan["train"]["suggestions"]
+  assert plan["train"]["peak"] > plan["budget_bytes"]
+  first = plan["train"]["suggestions"][0]
+  again = _plan("--config=configs/qwen2_5_7b_sft.py", "--topology=8xH100",
+                *first["flags"].split())
+  assert again["train"]["fits"] and again["train"]["peak"] == first["peak"]
