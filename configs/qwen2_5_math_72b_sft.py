@@ -6,7 +6,11 @@
   python -m jaxdistill.main --config=configs/qwen2_5_math_72b_sft.py:2 --workdir=RUNS/phase2 \
       --config.init.checkpoint=RUNS/phase1
 
-Hardware: TPU v5p-256 or 64x H100 80GB (FSDP x TP 8, bf16 compute, full remat).
+Hardware: TPU v5p-256 or 64x H100 80GB (FSDP over all chips, one 16k row per device; bf16
+compute, full remat; `tools/plan.py` puts the peak at ~56 GiB on 64x H100). For 32k-token
+traces add `--config.data.seq_len=32768 --config.model.max_position_embeddings=32768
+--config.mesh.shape=1,32,2,1 --config.train.micro_batches=2` (context parallelism over
+pairs of chips, one row at a time; ~60 GiB).
 Qwen2.5-Math ships 4,096 positions and rope_theta 1e4; both are raised at import so
 16k-token traces fit.
 """
@@ -22,7 +26,7 @@ def get_config(phase: str = "1"):
   c.model.remat = "full"
   c.model.rope_theta = 300_000.0
   c.model.max_position_embeddings = 16384
-  c.mesh.shape = (1, -1, 1, 8)
+  c.mesh.shape = (1, -1, 1, 1)
   c.data.seq_len = 16384
   c.train.loss_chunk = 2048
   c.train.schedule = "cosine"

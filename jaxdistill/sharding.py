@@ -5,7 +5,9 @@ with logical axis names; `LOGICAL_RULES` maps each to mesh axes in one place:
 
   batch    -> ("data", "fsdp")   the batch is split over every data-parallel axis
   seq      -> "context"          context parallelism splits the sequence (attention.py)
-  embed    -> "fsdp"             FSDP shards the model dimension of every weight
+  embed    -> ("fsdp", "context") FSDP shards the model dimension of every weight (over the
+                                 context devices too: they hold the same rows, so their
+                                 weights and optimizer state would otherwise be copies)
   heads    -> "tp"               tensor parallelism splits attention heads,
   kv_heads -> "tp"               kv heads (replicated when fewer than tp, as in GQA models),
   mlp      -> "tp"               the MLP hidden dimension,
@@ -25,7 +27,7 @@ MESH_AXES = ("data", "fsdp", "context", "tp")
 
 LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),
-    "embed": "fsdp",
+    "embed": ("fsdp", "context"),
     "heads": "tp",
     "kv_heads": "tp",
     "mlp": "tp",

@@ -155,12 +155,13 @@ def _plan(*args):
 
 
 def test_cli_suggestions_fit_when_applied():
-  """7B SFT at 12 rows a device does not fit an H100; the first suggestion, applied as the
-  flags it prints, does."""
-  plan = _plan("--config=configs/qwen2_5_7b_sft.py", "--topology=8xH100")
+  """7B SFT at 12 rows a device (one micro-batch) does not fit an H100; the first suggestion,
+  applied as the flags it prints, does."""
+  one = "--config.train.micro_batches=1"
+  plan = _plan("--config=configs/qwen2_5_7b_sft.py", "--topology=8xH100", one)
   assert not plan["train"]["fits"] and plan["train"]["suggestions"]
   assert plan["train"]["peak"] > plan["budget_bytes"]
   first = plan["train"]["suggestions"][0]
-  again = _plan("--config=configs/qwen2_5_7b_sft.py", "--topology=8xH100",
+  again = _plan("--config=configs/qwen2_5_7b_sft.py", "--topology=8xH100", one,
                 *first["flags"].split())
   assert again["train"]["fits"] and again["train"]["peak"] == first["peak"]

@@ -116,7 +116,7 @@ def test_restore_onto_a_different_mesh(tiny_llama_dir, tmp_path):
 def test_kv_heads_fewer_than_tp_are_replicated():
   mesh = sharding.make_mesh((1, 1, 1, 8))
   spec = sharding.param_spec("layers/self_attn/k_proj/kernel", (2, 64, 2, 16), mesh)
-  assert spec == jax.sharding.PartitionSpec(None, "fsdp", None, None)
+  assert spec == jax.sharding.PartitionSpec(None, ("fsdp", "context"), None, None)
   with pytest.raises(ValueError, match="q_proj/kernel.*heads=4 is not divisible"):
     sharding.param_spec("layers/self_attn/q_proj/kernel", (2, 64, 4, 16), mesh)
 
