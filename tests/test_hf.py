@@ -201,9 +201,9 @@ def test_cli_round_trip_through_orbax(tiny_qwen2_dir, tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
   run = lambda *args: subprocess.run([sys.executable, tool, *args], env=env, cwd=tmp_path,
                                      capture_output=True, text=True, timeout=300)
-  r = run(f"--from_hf={tiny_qwen2_dir}", f"--to_orbax={ckpt}", "--mesh=1,2,2")
+  r = run(f"--from_hf={tiny_qwen2_dir}", f"--to_orbax={ckpt}", "--mesh=1,2,1,2")
   assert r.returncode == 0, r.stderr[-3000:]
-  r = run(f"--from_orbax={ckpt}", f"--to_hf={out}", f"--tokenizer={tok_dir}", "--mesh=1,-1,1")
+  r = run(f"--from_orbax={ckpt}", f"--to_hf={out}", f"--tokenizer={tok_dir}", "--mesh=1,-1,1,1")
   assert r.returncode == 0, r.stderr[-3000:]
   _same_tensors(tiny_qwen2_dir, out)
   assert os.path.exists(os.path.join(out, "tokenizer.json"))
