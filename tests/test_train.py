@@ -158,6 +158,6 @@ def test_resume_onto_a_different_mesh(tmp_path):
   _train(workdir, (2, 2, 1, 1), steps=4, ckpt_every=2, schedule_steps=6)
   moved, _ = _train(workdir, (1, 2, 1, 2), steps=6, ckpt_every=2)
   spec = moved.params["layers"]["mlp"]["up_proj"]["kernel"].sharding.spec
-  assert spec == jax.sharding.PartitionSpec(None, "fsdp", "tp")
+  assert spec == jax.sharding.PartitionSpec(None, ("fsdp", "context"), "tp")
   for a, b in zip(jax.tree.leaves(moved.params), jax.tree.leaves(full.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
