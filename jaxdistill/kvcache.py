@@ -3,6 +3,10 @@
 Shapes use model.py's legend: L layers, B batch, S cache slots, K kv heads, H head dim.
 A slot whose segment id is 0 is empty and never attended to; the model writes T new entries
 per row at `end_index` and advances it, so the sampler controls where each row continues.
+
+Keys and values are L separate arrays, not one [L, ...] stack: a decode step writes one slot
+per row in each layer, and XLA updates a loop-carried buffer of its own in place, whereas
+pulling a layer out of a stack (and putting it back) copies the whole layer every step.
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ import jax.numpy as jnp
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-  k: jax.Array  # [L, B, S, K, H]
-  v: jax.Array  # [L, B, S, K, H]
+  k: tuple[jax.Array, ...]  # L x [B, S, K, H]
+  v: tuple[jax.Array, ...]  # L x [B, S, K, H]
   positions: jax.Array  # [B, S] int32: RoPE position of the token in each slot
   segment_ids: jax.Array  # [B, S] int32: 0 = empty slot
   end_index: jax.Array  # [B] int32: next slot to write in each row
@@ -25,10 +29,10 @@ class KVCache:
   @classmethod
   def zeros(cls, num_layers: int, batch: int, length: int, num_kv_heads: int, head_dim: int,
             dtype=jnp.float32) -> KVCache:
-    kv_shape = (num_layers, batch, length, num_kv_heads, head_dim)
+    kv_shape = (batch, length, num_kv_heads, head_dim)
     return cls(
-        k=jnp.zeros(kv_shape, dtype),
-        v=jnp.zeros(kv_shape, dtype),
+        k=tuple(jnp.zeros(kv_shape, dtype) for _ in range(num_layers)),
+        v=tuple(jnp.zeros(kv_shape, dtype) for _ in range(num_layers)),
         positions=jnp.zeros((batch, length), jnp.int32),
         segment_ids=jnp.zeros((batch, length), jnp.int32),
         end_index=jnp.zeros((batch,), jnp.int32),
@@ -36,7 +40,7 @@ class KVCache:
 
   @property
   def length(self) -> int:
-    return self.k.shape[2]
+    return self.k[0].shape[1]
 
   def replace(self, **changes) -> KVCache:
     return dataclasses.replace(self, **changes)

@@ -237,23 +237,36 @@ class Transformer(nnx.Module):
       mask_BTS = attention_mask(positions_BT, segment_ids_BT, k_pos, k_seg)
       kv = (cache.k, cache.v)
 
-    graphdef, layer_state = nnx.split(self.layers)
     end_index = None if cache is None else cache.end_index
+    if isinstance(self.layers, nnx.List):
+      # Layers held one by one (an nnx.List, as the sampler holds them): run them in turn,
+      # each with its own weight and cache buffers. A scan would slice each layer's weights out of the
+      # [L, ...] stack, which XLA:CPU copies on every call: three times the weight traffic
+      # of a decode step.
+      k_new, v_new = [], []
+      for i, layer in enumerate(self.layers):
+        k_l, v_l = (None, None) if kv is None else (kv[0][i], kv[1][i])
+        x_BTD, k_l, v_l = layer(x_BTD, sin, cos, mask_BTS, k_l, v_l, end_index,
+                                (positions_BT, segment_ids_BT))
+        k_new.append(k_l)
+        v_new.append(v_l)
+    else:
+      graphdef, layer_state = nnx.split(self.layers)
 
-    def body(x, xs):
-      state, k_l, v_l = xs
-      layer = nnx.merge(graphdef, state)
-      x, k_l, v_l = layer(x, sin, cos, mask_BTS, k_l, v_l, end_index,
-                          (positions_BT, segment_ids_BT))
-      return x, (k_l, v_l)
+      def body(x, xs):
+        state, k_l, v_l = xs
+        layer = nnx.merge(graphdef, state)
+        x, k_l, v_l = layer(x, sin, cos, mask_BTS, k_l, v_l, end_index,
+                            (positions_BT, segment_ids_BT))
+        return x, (k_l, v_l)
 
-    if cfg.remat != "none":
-      body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)
-    xs = (layer_state,) + (kv if kv is not None else (None, None))
-    x_BTD, (k_new, v_new) = jax.lax.scan(body, x_BTD, xs)
+      if cfg.remat != "none":
+        body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)
+      stacked = (None, None) if kv is None else tuple(jnp.stack(x) for x in kv)
+      x_BTD, (k_new, v_new) = jax.lax.scan(body, x_BTD, (layer_state,) + stacked)
 
     if cache is not None:
-      cache = cache.replace(k=k_new, v=v_new, positions=k_pos, segment_ids=k_seg,
+      cache = cache.replace(k=tuple(k_new), v=tuple(v_new), positions=k_pos, segment_ids=k_seg,
                             end_index=cache.end_index + t)
     if context > 1:
       x_BTD = shard(attention.from_balanced(x_BTD, context), _BATCH_SEQ + (None,))

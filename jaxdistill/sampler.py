@@ -4,9 +4,19 @@ Prompts are right-padded to a power-of-two bucket P and prefilled in one call; e
 cache then continues at its own prompt length, so the padding slots (segment 0, never
 attended to) are overwritten by the answer. Decoding runs on device in chunks of steps;
 between chunks, prompts whose samples have all finished (a stop id or `max_new_tokens`)
-are collected and their rows refilled with waiting prompts (continuous batching). Prefill,
-refill and decode each compile once per (batch, P, cache length, sampling settings). With
-`num_samples` > 1 each prompt is prefilled once and its cache rows copied to its samples.
+are collected and their rows refilled with waiting prompts (continuous batching): only the
+incoming prompts are prefilled (their count rounded up to a power of two) and their rows
+written into the decode state in place. Prefill compiles once per (prompt count, P, cache
+length); decode once per (batch, cache length, sampling settings).
+
+With `num_samples` > 1 each prompt is prefilled once, as one row, and its cache is then
+copied to its `num_samples` rows: the prompt's compute is shared, its cache memory is not.
+
+Decode speed (tools/bench_decode.py) rests on three choices: the sampler holds the layer
+weights one array per layer and the cache is one array per layer (a scan over [L, ...]
+stacks makes XLA:CPU copy each layer's slice every step); greedy and the top-k / top-p cuts
+avoid sorting the vocabulary (`sample_token`); and the decode state is donated, so the
+cache is updated in place.
 """
 
 from __future__ import annotations
@@ -56,11 +66,76 @@ class Sample:
 
 
 def sample_token(logits_BV: jax.Array, key: jax.Array, temperature: float, top_k: int,
-                 top_p: float) -> jax.Array:
-  """One token per row: argmax at temperature 0, else from the filtered softmax."""
+                 top_p: float, *, candidates: int = 256) -> jax.Array:
+  """One token per row: the first argmax at temperature 0, else a draw from
+  softmax(logits / temperature) cut to the top_k likeliest ids, then to the top_p nucleus
+  (the fewest likeliest ids whose mass reaches top_p); ids tied with the last one kept stay.
+
+  Sorting the whole vocabulary (152k ids for Qwen) costs more than the rest of a CPU decode
+  step, so the cuts are found among the likeliest `candidates` (top_k + 1 with top_k) ids,
+  without changing the rule: the cut is a logit threshold, exact as soon as some candidate
+  falls below it (always, with top_k). When every id at or above the threshold is a candidate
+  the draw is among the candidates, else (ties across the last candidate) over the whole
+  vocabulary. Only a nucleus wider than the candidates sorts the whole vocabulary.
+
+  Args:
+    logits_BV: [B, V] logits.
+    key: [B] keys (one random stream per row) or a single key.
+    temperature, top_k, top_p: as in SamplingConfig.
+    candidates: how many likeliest ids top_p (without top_k) looks among before sorting.
+  Returns:
+    [B] int32 ids.
+  """
+  b, v = logits_BV.shape
   if temperature == 0:
-    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    return _first_argmax(logits_BV)
+  keys = key if key.ndim else jax.random.split(key, b)
   logits = logits_BV.astype(jnp.float32) / temperature
+  if top_k == 0 and top_p >= 1.0:
+    return _draw(keys, logits)
+  c = (top_k if top_k > 0 else candidates) + 1
+  if c > v:
+    return _draw(keys, _cut_by_sorting(logits, top_k, top_p))
+  # Descending. Its columns are read by reductions and gathers, never by static slices: XLA
+  # turns a top_k whose output is sliced into a sort of the whole row (~100x slower on CPU),
+  # the very cost this avoids.
+  vals, ids = jax.lax.top_k(logits, c)
+  top = jnp.max(vals, -1, keepdims=True)
+  last = jnp.min(vals, -1)
+  if top_k > 0:
+    first_k = jax.lax.broadcasted_iota(jnp.int32, vals.shape, 1) < top_k
+    kth = jnp.min(jnp.where(first_k, vals, jnp.inf), -1, keepdims=True)  # the k-th largest
+    kept = vals >= kth
+    # Ids tied with the k-th but not among the candidates are kept too: they weigh in the
+    # softmax the nucleus is cut from.
+    ties_out = jnp.sum(logits == kth, -1, keepdims=True) - jnp.sum(vals == kth, -1,
+                                                                    keepdims=True)
+    w = jnp.where(kept, jnp.exp(vals - top), 0.0)
+    probs = w / (jnp.sum(w, -1, keepdims=True) + ties_out * jnp.exp(kth - top))
+  else:
+    kept = jnp.ones(vals.shape, bool)
+    probs = jnp.exp(vals - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
+  if top_p < 1.0:
+    kept &= (jnp.cumsum(probs, axis=-1) - probs) < top_p
+  # The threshold is known once a candidate is cut (with top_k, the (k+1)-th always is).
+  threshold = jnp.min(jnp.where(kept, vals, jnp.inf), axis=-1, keepdims=True)
+  known = jnp.ones((b,), bool) if top_k > 0 else ~jnp.all(kept, -1)
+  inside = last < threshold[:, 0]  # every id at or above the threshold is a candidate
+
+  def among_candidates():
+    pick = _draw(keys, jnp.where(vals >= threshold, vals, -jnp.inf))
+    return jnp.take_along_axis(ids, pick[:, None], axis=1)[:, 0]
+
+  branch = jnp.where(jnp.all(inside), 0, jnp.where(jnp.all(known), 1, 2))
+  return jax.lax.switch(branch, [
+      among_candidates,
+      lambda: _draw(keys, jnp.where(logits >= threshold, logits, -jnp.inf)),
+      lambda: _draw(keys, _cut_by_sorting(logits, top_k, top_p))])
+
+
+def _cut_by_sorting(logits_BV, top_k: int, top_p: float) -> jax.Array:
+  """The top-k and top-p cuts on the whole vocabulary: dropped ids get -inf."""
+  logits = logits_BV
   if top_k > 0:
     kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
@@ -72,7 +147,19 @@ def sample_token(logits_BV: jax.Array, key: jax.Array, temperature: float, top_k
     keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
     threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits < threshold, -jnp.inf, logits)
-  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+  return logits
+
+
+def _draw(keys_B: jax.Array, logits_BC: jax.Array) -> jax.Array:
+  return jax.vmap(jax.random.categorical)(keys_B, logits_BC).astype(jnp.int32)
+
+
+def _first_argmax(x_BV: jax.Array) -> jax.Array:
+  """`jnp.argmax` as two plain reductions: XLA:CPU's fused (value, index) reduction is several
+  times slower over a 152k vocabulary."""
+  top = jnp.max(x_BV, axis=-1, keepdims=True)
+  ids = jax.lax.broadcasted_iota(jnp.int32, x_BV.shape, 1)
+  return jnp.min(jnp.where(x_BV == top, ids, x_BV.shape[-1] - 1), axis=-1)
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -94,8 +181,10 @@ class Sampler:
   @classmethod
   def from_model(cls, model: Transformer, mesh: jax.sharding.Mesh | None = None) -> Sampler:
     """`mesh`: the mesh the model's parameters live on; rows are then split over its
-    data-parallel axes (the batch is padded to a multiple of them)."""
-    graphdef, params = nnx.split(model)
+    data-parallel axes (the batch is padded to a multiple of them). The sampler keeps its own
+    copy of the layer weights, one array per layer (`_unstack_layers`): as much memory again
+    as the layers while both live."""
+    graphdef, params = nnx.split(_unstack_layers(model))
     cfg = model.config
     return cls(graphdef, params, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
                cfg.max_position_embeddings, mesh)
@@ -130,9 +219,8 @@ class Sampler:
           f"model's {self.max_positions} positions; shorten the prompt or max_new_tokens")
     n = num_samples
     slots = min(batch_size or len(prompts), len(prompts))
-    if self.mesh is not None:  # prompts (and so rows) must divide over the data axes
-      dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-      slots += -slots % dp
+    dp = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    slots += -slots % dp  # prompts (and so rows) must divide over the data axes
     p = bucket(longest)
     static = dict(graphdef=self.graphdef, n=n, cache_len=p + cfg.max_new_tokens,
                   cache_dtype=jnp.bfloat16 if cfg.cache_dtype == "bfloat16" else jnp.float32,
@@ -146,18 +234,22 @@ class Sampler:
       while waiting or any(o >= 0 for o in owner):
         free = [s for s in range(slots) if owner[s] < 0]
         if waiting and free:
-          tokens = np.zeros((slots, p), np.int32)
-          lengths = np.ones((slots,), np.int32)
-          fill = np.zeros((slots,), bool)
-          ids = np.zeros((slots,), np.int32)
-          for s in free[:len(waiting)]:
+          fill = free[:len(waiting)]
+          # Only the incoming prompts are prefilled, as a batch of a power-of-two size (one
+          # compile each); at the start that is every slot, in order.
+          size = slots if state is None else min(slots, _round_up(bucket(len(fill), 1), dp))
+          tokens = np.zeros((size, p), np.int32)
+          lengths = np.ones((size,), np.int32)
+          ids = np.zeros((size,), np.int32)
+          dest = np.full((size,), slots, np.int32)  # padding rows go nowhere
+          for r, s in enumerate(fill):
             i = waiting.pop(0)
-            owner[s], fill[s], ids[s] = i, True, i
-            tokens[s, :len(prompts[i])] = prompts[i]
-            lengths[s] = len(prompts[i])
+            owner[s], ids[r], dest[r] = i, i, s
+            tokens[r, :len(prompts[i])] = prompts[i]
+            lengths[r] = len(prompts[i])
           fresh = _prefill(self.params, self._put(tokens), self._put(lengths), self._put(ids),
                            base_key, **static)
-          state = fresh if state is None else _insert(state, fresh, self._put(fill), n=n)
+          state = fresh if state is None else _insert(state, fresh, self._put(dest), n=n)
         state = _decode(self.params, state, steps=decode_chunk, **static)
         done = np.asarray(state.done).reshape(slots, n)
         for s in range(slots):
@@ -215,9 +307,8 @@ def _prefill(params, tokens_SP, lengths_S, prompt_ids_S, base_key, *, graphdef, 
   hidden_BPD, cache = model(tokens_SP, positions, segments, cache, return_hidden=True)
   last_B1D = jnp.take_along_axis(hidden_BPD, (lengths_S - 1)[:, None, None], axis=1)
   logits = model.unembed(last_B1D)[:, 0]
-  rep = lambda x, axis=0: jnp.repeat(x, n, axis=axis)  # noqa: E731
-  cache = KVCache(k=rep(cache.k, 1), v=rep(cache.v, 1), positions=rep(cache.positions),
-                  segment_ids=rep(cache.segment_ids), end_index=rep(lengths_S))
+  rep = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731
+  cache = jax.tree.map(rep, cache.replace(end_index=lengths_S))
   rows = b * n
   sample_ids = jnp.tile(jnp.arange(n, dtype=jnp.int32), b)
   keys = jax.vmap(lambda i, j: jax.random.fold_in(jax.random.fold_in(base_key, i), j))(
@@ -229,17 +320,11 @@ def _prefill(params, tokens_SP, lengths_S, prompt_ids_S, base_key, *, graphdef, 
 
 
 @functools.partial(jax.jit, static_argnames=("n",), donate_argnums=0)
-def _insert(state: _DecodeState, fresh: _DecodeState, fill_S: jax.Array, *, n: int):
-  """Rows of slots marked in `fill_S` take the freshly prefilled state; others keep theirs."""
-  fill = jnp.repeat(fill_S, n)
-
-  def pick(old, new):
-    axis = 1 if old.ndim == 5 else 0  # cache k/v are [L, R, S, K, H]
-    shape = [1] * old.ndim
-    shape[axis] = fill.shape[0]
-    return jnp.where(fill.reshape(shape), new, old)
-
-  return jax.tree.map(pick, state, fresh)
+def _insert(state: _DecodeState, fresh: _DecodeState, dest_F: jax.Array, *, n: int):
+  """Writes the F freshly prefilled prompts' rows into slots `dest_F` (in place: the state is
+  donated); a slot index past the last slot drops its prompt (batch padding)."""
+  rows = (dest_F[:, None] * n + jnp.arange(n, dtype=jnp.int32)).reshape(-1)
+  return jax.tree.map(lambda old, new: old.at[rows].set(new, mode="drop"), state, fresh)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("steps",), donate_argnums=1)
@@ -262,8 +347,7 @@ def _decode(params, state: _DecodeState, *, steps, graphdef, n, cache_len, cache
       known = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) < cfg.vocab_size
       logits = jnp.where(known, logits, -jnp.inf)
     step_keys = jax.vmap(jax.random.fold_in)(st.keys, st.count)
-    token = jax.vmap(lambda l, k: sample_token(l[None], k, cfg.temperature, cfg.top_k,
-                                               cfg.top_p)[0])(logits, step_keys)
+    token = _sample_rows(logits, step_keys, cfg)
     active = ~st.done
     token = jnp.where(active, token, 0)
     write_at = jnp.minimum(st.count, cfg.max_new_tokens - 1)
@@ -284,5 +368,42 @@ def _decode(params, state: _DecodeState, *, steps, graphdef, n, cache_len, cache
   return state
 
 
+def _sample_rows(logits_BV, keys_B, cfg: SamplingConfig) -> jax.Array:
+  """`sample_token` with each device drawing for its own rows (`shard_map` over the batch
+  axes): a row's cuts need all of its ids, which the model leaves split over tp."""
+  draw = lambda l, k: sample_token(l, k, cfg.temperature, cfg.top_k, cfg.top_p)  # noqa: E731
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return draw(logits_BV, keys_B)
+  rows = sharding.logical_to_spec(("batch",))
+  return jax.shard_map(draw, mesh=mesh, in_specs=(sharding.logical_to_spec(("batch", None)), rows),
+                       out_specs=rows)(logits_BV, keys_B)
+
+
+def _round_up(x: int, multiple: int) -> int:
+  return -(-x // multiple) * multiple
+
+
 def _cache_len(state: _DecodeState) -> int:
-  return state.cache.k.shape[2]
+  return state.cache.length
+
+
+def _unstack_layers(model: Transformer) -> Transformer:
+  """A second module over `model`'s weights, its layers L separate Blocks (an nnx.List).
+
+  A decode step reads each weight once; run as a scan over the [L, ...] stack, XLA:CPU first
+  copies each layer's slice out of the stack, tripling the step's weight traffic. The split
+  copies the layer weights once: the sampler holds its own copy of them, the model keeps its
+  stack (the embedding, final norm and head stay shared).
+  """
+  graphdef, state = nnx.split(model)
+  model = nnx.merge(graphdef, state)
+  layer_def, stacked = nnx.split(model.layers)
+  per_layer = _split_stack(stacked, model.config.num_layers)
+  model.layers = nnx.List([nnx.merge(layer_def, st) for st in per_layer])
+  return model
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _split_stack(stacked: nnx.State, n: int) -> list[nnx.State]:
+  return [jax.tree.map(lambda a: a[i], stacked) for i in range(n)]

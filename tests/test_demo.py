@@ -39,6 +39,12 @@ def test_traces_are_correct_and_verified(family):
     assert grade_lib.grade(assistant, str(teacher.answer(key)), "amc").correct
     if family != "lineq":
       assert _steps_result(thinking) == str(teacher.answer(key))
+    else:  # the subtraction's result, then a count in a's that stops on |a x| at |x|
+      n, target = abs(teacher.answer(key)), abs(a[2] - a[1])
+      assert f"So {a[2]} - {a[1]} = {a[2] - a[1]}.\n" in thinking
+      count = re.findall(rf"(\d+)\*{a[0]}=(\d+) vs {target} (yes|no)", thinking)
+      ks = range(10 if n >= 10 else 1, n + 1) if n else []
+      assert count == [(str(k), str(k * a[0]), "yes" if k == n else "no") for k in ks]
 
 
 def test_held_out_never_in_training():
@@ -68,16 +74,17 @@ def _well_formed(rows):
 
 
 def test_demo_end_to_end(tmp_path):
-  # About a minute: 2-digit additions, a 2-layer student, 200 steps. That is enough to learn
-  # the trace format (every answer finishes, boxed) but not reliably the arithmetic, so the
-  # wide margin asserted is on well-formed answers; accuracy must not fall below the
-  # untrained student's. The accuracy margin is the demo's own measurement (configs/demo.py).
+  # About a minute on 2 cores: 2-digit additions, a 2-layer d_model-64 student, 1000 steps of
+  # 8 rows. Rows of 232 tokens hold one trace each with little padding (the longest rendered
+  # add2 trace is 232 tokens). The copies are learnt by step ~500, the digit sums after;
+  # 800 steps left 38-69% held-out greedy accuracy over seeds 0-2 (seed = data_seed), 1000
+  # steps 88-100% over seeds 0-3, hence the 50-point margin asserted.
   from configs import demo as demo_config
   from jaxdistill import run
   c = demo_config.get_config()
   c.demo.families = "add2"
-  c.demo.num_steps = 200
-  c.demo.num_traces = 2000
+  c.demo.num_steps = 1000
+  c.demo.num_traces = 8000
   c.demo.eval_per_family = 16
   c.demo.maj_k = 2
   c.demo.maj_per_family = 8
@@ -85,15 +92,17 @@ def test_demo_end_to_end(tmp_path):
   c.demo.model.d_model = 64
   c.demo.model.num_layers = 2
   c.demo.model.mlp_dim = 192
-  c.data.seq_len = 256
-  c.train.loss_chunk = 256
+  c.data.seq_len = 232
+  c.train.loss_chunk = 232
+  c.train.lr = 3e-3
   c.demo.batch_size = 8  # conftest's 8 CPU devices are the data axis
-  c.train.checkpoint_every = 100
+  c.train.checkpoint_every = 1000  # one save, at the end
   workdir = str(tmp_path / "demo")
   summary = run.main(c, workdir)
 
-  assert summary["untrained_accuracy"]["overall"] == 0.0
-  assert summary["greedy_accuracy"]["overall"] >= summary["untrained_accuracy"]["overall"]
+  untrained, trained = (summary[k]["overall"] for k in ("untrained_accuracy", "greedy_accuracy"))
+  assert untrained == 0.0
+  assert trained >= untrained + 0.5, summary["greedy_accuracy"]
   rows = {name: [json.loads(line) for line in open(os.path.join(workdir, "demo", name))]
           for name in ("greedy.jsonl", "untrained_greedy.jsonl", "maj.jsonl")}
   assert len(rows["greedy.jsonl"]) == 16 and len(rows["maj.jsonl"]) == 8
@@ -107,7 +116,7 @@ def test_demo_end_to_end(tmp_path):
     on_disk = json.load(f)
   assert on_disk["greedy_accuracy"] == summary["greedy_accuracy"]
   assert set(on_disk["greedy_accuracy"]) == {"overall", "add2"}
-  assert on_disk["wall_times_s"]["train"] > 0 and on_disk["steps"] == 200
+  assert on_disk["wall_times_s"]["train"] > 0 and on_disk["steps"] == 1000
   with open(os.path.join(workdir, "loss.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   report = open(os.path.join(workdir, "report.md")).read()

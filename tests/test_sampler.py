@@ -95,6 +95,22 @@ def test_sampling_follows_temperature_top_k_and_top_p():
   assert _frequencies(logits, n=10, temperature=0.0, top_k=0, top_p=1.0)[0] == 1.0
 
 
+@pytest.mark.parametrize("candidates", [3, 1])
+def test_cuts_among_candidates_equal_the_full_vocabulary_rule(candidates):
+  # top-p 0.8 keeps 3 ids: with 3 (+1) candidates the cut is found among them; with 1 (+1)
+  # the nucleus is wider and the whole vocabulary is sorted. The law is the same.
+  logits = np.log(np.array([0.4, 0.3, 0.15, 0.1, 0.05]))
+  np.testing.assert_allclose(
+      _frequencies(logits, temperature=1.0, top_k=0, top_p=0.8, candidates=candidates),
+      [0.4 / 0.85, 0.3 / 0.85, 0.15 / 0.85, 0, 0], atol=0.015)
+  # ties at the k-th logit are all kept, as by the full rule (here they straddle the candidates)
+  ties = np.log(np.array([0.1, 0.4, 0.2, 0.2, 0.1]))
+  np.testing.assert_allclose(_frequencies(ties, temperature=1.0, top_k=2, top_p=1.0),
+                             [0, 0.5, 0.25, 0.25, 0], atol=0.015)
+  # greedy over a row of ties takes the first, as jnp.argmax does
+  assert _frequencies(np.zeros(5), n=10, temperature=0.0, top_k=0, top_p=1.0)[0] == 1.0
+
+
 def test_prompt_too_long_is_a_clear_error(tiny_qwen2_dir):
   sampler = Sampler.from_model(hf.load_hf_model(tiny_qwen2_dir))
   with pytest.raises(ValueError, match="exceeds the model's 512 positions"):
@@ -147,6 +163,15 @@ def test_sharded_sampling_equals_unsharded(mesh_shape, tiny_qwen2_dir):
   assert len(got) == 3
   for a, b in zip(got, want):
     np.testing.assert_array_equal(a[0].tokens, b[0].tokens)
+  # Sampled with the top-k / top-p cuts: each device draws for its own rows, with the rows'
+  # own random streams, so the samples are the unsharded ones.
+  cfg = SamplingConfig(temperature=0.8, top_p=0.9, top_k=40, max_new_tokens=12)
+  want = Sampler.from_model(hf.load_hf_model(tiny_qwen2_dir)).generate(prompts, cfg,
+                                                                        num_samples=2)
+  got = sampler.generate(prompts, cfg, num_samples=2)
+  for a, b in zip(got, want):
+    for x, y in zip(a, b):
+      np.testing.assert_array_equal(x.tokens, y.tokens)
 
 
 def test_refilled_rows_give_the_same_samples_as_a_fresh_batch(tiny_llama_dir):

@@ -4,7 +4,8 @@
   python tools/bench_decode.py --preset=qwen2_5_0_5b --prompt_len=2048 --new_tokens=64
 
 Decode speed is separated from the prompt's prefill: each framework generates 1 and then N
-new tokens, and decode tokens/s = batch x (N - 1) / (time(N) - time(1)). Prints both
+new tokens, in turns, and decode tokens/s = batch x (N - 1) / median(time(N) - time(1)) over
+those pairs (on a shared machine, load that drifts during the run hits both). Prints both
 frameworks' decode tokens/s, their ratio, and the share of the memory-bandwidth bound:
 batch x read bandwidth / (bytes of weights + KV cache read per step), with the read
 bandwidth measured in the same run (a large array reduction). Prefill time is printed too.
@@ -12,6 +13,7 @@ bandwidth measured in the same run (a large array reduction). Prefill time is pr
 
 import os
 import sys
+import time
 
 from absl import app, flags
 
@@ -33,18 +35,40 @@ flags.DEFINE_list("batch", ["1", "8"], "Batch sizes.")
 flags.DEFINE_integer("prompt_len", 64, "Prompt tokens.")
 flags.DEFINE_integer("new_tokens", 128, "Generated tokens per row (no early stop).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights, compute and cache.")
-flags.DEFINE_integer("repeats", 3, "Timed runs per setting (median).")
+flags.DEFINE_integer("repeats", 3, "Timed (1, N) pairs per setting (median).")
 flags.DEFINE_bool("vs_hf", True, "Also time transformers generate.")
 
 
 
 
 def _read_bandwidth() -> float:
-  """Bytes/s of a large reduction: what streaming weights from memory can reach here."""
-  x = jnp.ones((64 * 2**20,), jnp.float32)  # 256 MiB
+  """Bytes/s of a large reduction: what streaming weights from memory can reach here. The
+  array is large enough that one call's launch cost is noise (4 GiB on an accelerator, whose
+  bandwidth reads 256 MiB in well under a millisecond)."""
+  n = (64 if jax.default_backend() == "cpu" else 1024) * 2**20
+  x = jnp.ones((n,), jnp.float32)
   f = jax.jit(jnp.sum)
   seconds = benchlib.median_time(lambda: f(x).block_until_ready(), 5)
   return x.nbytes / seconds
+
+
+def _seconds(fn) -> float:
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
+
+
+def _decode_rate(generate, batch: int) -> tuple[float, float]:
+  """(decode tokens/s, prefill seconds) of `generate(n)`, which makes n new tokens per row."""
+  n = FLAGS.new_tokens
+  generate(1)  # compiles
+  generate(n)
+  ones, diffs = [], []
+  for _ in range(FLAGS.repeats):
+    one = _seconds(lambda: generate(1))
+    ones.append(one)
+    diffs.append(_seconds(lambda: generate(n)) - one)
+  return batch * (n - 1) / max(float(np.median(diffs)), 1e-9), float(np.median(ones))
 
 
 def main(argv):
@@ -64,11 +88,10 @@ def main(argv):
     prompts = np.random.RandomState(b).randint(3, cfg.vocab_size, (b, FLAGS.prompt_len)).tolist()
 
     def ours(n):
-      c = SamplingConfig(temperature=0.0, max_new_tokens=n, cache_dtype=FLAGS.dtype)
-      return benchlib.median_time(lambda: sampler.generate(prompts, c), FLAGS.repeats)
+      sampler.generate(prompts, SamplingConfig(temperature=0.0, max_new_tokens=n,
+                                               cache_dtype=FLAGS.dtype))
 
-    prefill = ours(1)
-    ours_tps = b * (FLAGS.new_tokens - 1) / max(ours(FLAGS.new_tokens) - prefill, 1e-9)
+    ours_tps, prefill = _decode_rate(ours, b)
     cache_len = FLAGS.prompt_len + FLAGS.new_tokens / 2  # on average over the decode
     kv_bytes = (2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize) * cache_len
     bound_tps = b * bandwidth / (weight_bytes + b * kv_bytes)
@@ -78,16 +101,12 @@ def main(argv):
       ids = torch.tensor(prompts, device=device)
 
       def theirs(n):
-        def run():
-          with torch.inference_mode():
-            ref.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                         pad_token_id=0)
-          if device == "cuda":
-            torch.cuda.synchronize()
-        return benchlib.median_time(run, FLAGS.repeats)
+        with torch.inference_mode():
+          ref.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        if device == "cuda":
+          torch.cuda.synchronize()
 
-      t_prefill = theirs(1)
-      theirs_tps = b * (FLAGS.new_tokens - 1) / max(theirs(FLAGS.new_tokens) - t_prefill, 1e-9)
+      theirs_tps, t_prefill = _decode_rate(theirs, b)
       line += (f" | transformers {theirs_tps:9.1f} tok/s ({theirs_tps / bound_tps:.2f}; "
                f"prefill {t_prefill:.2f}s) | ratio {ours_tps / theirs_tps:.2f}x")
     print(line, flush=True)

@@ -1,10 +1,10 @@
 """A programmatic teacher: arithmetic problems and o1-style worked traces, plus held-out sets.
 
 Every step of a trace is determined by the few tokens before it, so a small student can learn
-it: numbers are consumed from their last digit ("Step 2: 482 and 36. Last digits 2 and 6"),
-the carry is explicit, and the answer grows one digit at a time ("Result so far: 88"), so
-the final answer is a copy rather than a reversal. Each trace ends its thinking with a
-verification ("Wait, let me verify: ..."), and now and then contains a slip it corrects.
+it: numbers are consumed from their last digit ("Step 2: 48+3, last digits 8+3+0=11"), the
+carry is explicit, and the answer grows one digit at a time ("so far 18"), so the final
+answer is a copy rather than a reversal. Each trace ends its thinking with a verification
+("Wait, let me verify: ..."), and now and then contains a slip it corrects.
 The verification restates the inverse operation; a student learns to copy its expected result
 rather than compute it, so it does not catch the student's own errors (see the demo report).
 
@@ -12,8 +12,12 @@ Families, easiest first:
   add2: column addition of two 2-digit numbers (for quick tests);
   add: column addition of two 2-4 digit numbers;
   mul: a 2-4 digit number times a digit 2-9;
-  lineq: a x + b = c for integer x in -6..12 (a in 2..9, b in 1..9), solved by subtracting b
-    then dividing by a.
+  lineq: a x + b = c for integer x in -6..12 (a in 2..9, b in 1..9). Subtracting b takes
+    only add-family digit facts, "10-b" and a decrement (the last digit by complement,
+    (10 - b) + u, a one-digit sum meaning a borrow from the rest); dividing by a counts
+    1*a, 2*a, ... (from 10*a when x >= 10), each product set beside the target, so the stop
+    compares neighbours. One-shot "c - b = d" and "d / a = x" steps left lineq at 50% on the
+    default preset (issue #6).
 
 The held-out problems are drawn first, from their own stream; training problems are drawn
 after and any problem whose key is held out is rejected, so the two never overlap.
@@ -138,17 +142,67 @@ def thinking(key: tuple, slip: bool = False) -> str:
         f"Wait, let me verify: {result}/{d} should give back {a}, and {result}/{d}={result // d}. "
         "Correct."])
   a, b, c = key[1:]
-  diff = c - b
-  first = (f"Subtract {b} from both sides: {a}x = {c} - {b} = {diff + 1}. No wait, "
-           f"{c} - {b} = {diff}. So {a}x = {diff}." if slip else
-           f"Subtract {b} from both sides: {a}x = {c} - {b} = {diff}.")
   return "\n".join([
       f"I need x with {a}x + {b} = {c}. I undo the + {b}, then the times {a}.",
-      first,
-      f"Divide both sides by {a}: x = {diff} / {a} = {result}.",
+      f"Subtract {b} from both sides: {a}x = {c} - {b}.",
+      _subtract_line(c, b, slip),
+      _divide_line(c - b, a),
       f"Wait, let me verify: put x = {result} back in. {a} * {result} = {a * result}, and "
-      f"{a * result} + {b} = {a * result + b}. Yes, that is {c}. Correct.",
+      f"{a * result} + {b} = {c}. Yes, that is {c}. Correct.",
       f"So x = {result}."])
+
+
+def _fact(expr: str, value: int, slip: bool) -> str:
+  """"expr=value", or with slip a wrong value first, then the correction."""
+  return f"{expr}={value + 1}. No wait, {expr}={value}" if slip else f"{expr}={value}"
+
+
+def _subtract_line(c: int, b: int, slip: bool) -> str:
+  """c - b (b a digit 1-9) in add-family digit facts ("8+7+0=15") and "10-b": the last digit
+  by complement, u - b = (10 - b) + u - 10, so the sum's last digit is written and a one-digit
+  sum means a borrow from the rest of c (c // 10); a result below zero is worked as |c| + b,
+  or as b - c when c < b."""
+  if c < 0:  # c - b = -(|c| + b)
+    m = -c
+    u, rest = m % 10, m // 10
+    line = (f"{c} is below zero, so the result is minus {m}+{b}: last digits "
+            f"{_fact(f'{u}+{b}+0', u + b, slip)}")
+    if rest:
+      carry = (u + b) // 10
+      line += (f", write {(u + b) % 10}, carry {carry}; the rest {rest}+0+{carry}="
+               f"{rest + carry}")
+    return f"{line}. So {c} - {b} = {c - b}."
+  if c < b:  # b - c on single digits, then the minus sign
+    u, d, rest = b, c, 0
+    line = f"{c} is less than {b}, so the result is minus {b}-{c}: "
+  else:
+    u, d, rest = c % 10, b, c // 10
+    line = f"Last digit {u}-{b}: "
+  total = 10 - d + u
+  line += f"10-{d}={10 - d}, {_fact(f'{10 - d}+{u}+0', total, slip)}, write {total % 10}, "
+  if total >= 10:
+    line += "no borrow" + (f"; the rest {rest} stays" if rest else "")
+  else:
+    line += f"borrow 1; the rest {rest}-1={rest - 1}"
+  return f"{line}. So {c} - {b} = {c - b}."
+
+
+def _divide_line(diff: int, a: int) -> str:
+  """x = diff / a by counting in a's up to |diff| (a multiple of a). Each product k*a (the
+  mul family's digit facts, same order) is set beside the target, so whether to stop is
+  decided between adjacent numbers; a count past 9 starts at 10, which a 3-digit target or
+  a target's tens digit at least a tells."""
+  if diff == 0:
+    return f"Divide both sides by {a}: x = 0 / {a} = 0."
+  target, n = abs(diff), abs(diff) // a
+  start = 10 if n >= 10 else 1
+  head = (f"Count in {a}s up to {target}; {target} is at least 10*{a}={10 * a}, so start at 10:"
+          if start == 10 else f"Count in {a}s up to {target}:")
+  count = ", ".join(f"{k}*{a}={k * a} vs {target} {'yes' if k == n else 'no'}"
+                    for k in range(start, n + 1))
+  sign = "So" if diff > 0 else "The sign is minus, so"
+  return (f"Divide both sides by {a}: x = {diff} / {a}. {head} {count}. {sign} "
+          f"x = {diff // a}.")
 
 
 def trace(key: tuple, slip: bool = False) -> list[dict]:
