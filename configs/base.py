@@ -82,7 +82,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.top_k = 0  # 0 = off
   c.eval.max_new_tokens = 32768
   c.eval.greedy = True  # also one greedy sample per problem
-  c.eval.batch_size = 8  # prompts per sampler batch
+  c.eval.batch_size = 8  # sampler slots: groups (a prompt x samples_at_once) decoding at once
+  c.eval.samples_at_once = 0  # samples of one prompt per slot (0 = all num_samples); divides it
   c.eval.limit = 0  # first N problems per task (0 = all)
   c.eval.instruction = "Please reason step by step, and put your final answer within \\boxed{}."
   c.eval.seed = 0

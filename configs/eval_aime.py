@@ -23,5 +23,8 @@ def get_config():
   c.eval.temperature = 0.6
   c.eval.top_p = 0.95
   c.eval.max_new_tokens = 32768
-  c.eval.batch_size = 64
+  # 8 slots of 2 samples: 16 rows of 33k fp32 cache, which fits a Qwen2.5-32B on 8xH100
+  # (tools/plan.py); on more devices raise samples_at_once (the planner says how far).
+  c.eval.batch_size = 8
+  c.eval.samples_at_once = 2
   return c

@@ -33,7 +33,8 @@ class EvalConfig:
   top_k: int = 0
   max_new_tokens: int = 32768
   greedy: bool = True  # also one greedy sample per problem
-  batch_size: int = 8  # prompts per sampler batch
+  batch_size: int = 8  # sampler slots: groups (a prompt x samples_at_once) decoding at once
+  samples_at_once: int = 0  # samples of one prompt per slot (0 = all); bounds the KV cache
   limit: int = 0  # first N problems of each task (0 = all)
   instruction: str = DEFAULT_INSTRUCTION  # appended to each problem in the user turn
   seed: int = 0
@@ -46,6 +47,10 @@ class EvalConfig:
       raise ValueError(f"unknown evaluation task(s) {unknown}; choose from {sorted(TASK_KINDS)}")
     if self.num_samples < 1:
       raise ValueError(f"eval.num_samples={self.num_samples} must be positive")
+    if self.samples_at_once < 0 or self.samples_at_once and (
+        self.num_samples % self.samples_at_once):
+      raise ValueError(f"eval.samples_at_once={self.samples_at_once} must divide "
+                       f"eval.num_samples={self.num_samples} (0 = all of them)")
 
 
 def write_prompts(task: str, cfg: EvalConfig, path: str) -> list[dict]:
@@ -95,7 +100,8 @@ def evaluate(sampler: Sampler, renderer: chat.ChatRenderer, cfg: EvalConfig, wor
       generations = os.path.join(task_dir, "generations.jsonl")
       generate.generate_file(sampler, renderer, prompts, generations, sampled,
                              num_samples=cfg.num_samples, seed=cfg.seed,
-                             batch_size=cfg.batch_size, log=log)
+                             batch_size=cfg.batch_size, samples_at_once=cfg.samples_at_once,
+                             log=log)
       greedy_verdicts = None
       if cfg.greedy:
         greedy_path = os.path.join(task_dir, "greedy.jsonl")

@@ -77,9 +77,10 @@ def count_done(output: str, block: int) -> int:
 
 def generate_file(sampler: Sampler, renderer: chat.ChatRenderer, prompts_path: str,
                   output: str, cfg: SamplingConfig, *, num_samples: int = 1, seed: int = 0,
-                  batch_size: int = 8, use_chat_template: bool = True,
+                  batch_size: int = 8, samples_at_once: int = 0, use_chat_template: bool = True,
                   log: Callable[[str], None] = logging.info) -> int:
-  """Samples every prompt of `prompts_path` into `output`; returns the lines written now."""
+  """Samples every prompt of `prompts_path` into `output`; returns the lines written now.
+  `batch_size` and `samples_at_once` are Sampler.generate's."""
   rows = read_prompts(prompts_path)
   # Prompts are handed to the sampler in blocks of several batches, so finished rows are
   # refilled from the block (continuous batching); output is written, and resumed, by block.
@@ -99,7 +100,7 @@ def generate_file(sampler: Sampler, renderer: chat.ChatRenderer, prompts_path: s
       # Each block gets its own seed offset: the samples do not depend on where a rerun
       # resumed.
       samples = sampler.generate(ids, cfg, num_samples=num_samples, seed=seed + b,
-                                 batch_size=batch_size)
+                                 batch_size=batch_size, samples_at_once=samples_at_once)
       for row, s in zip(batch, samples):
         out = dict(row)
         out["response"] = [renderer.tokenizer.decode(x.tokens.tolist()) for x in s]

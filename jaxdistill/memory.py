@@ -112,8 +112,9 @@ class TrainShape:
 @dataclasses.dataclass(frozen=True)
 class EvalShape:
   """What the sampler holds during evaluation (the run config's eval section)."""
-  batch_size: int = 8  # prompts decoding at once
-  num_samples: int = 64  # rows per prompt
+  batch_size: int = 8  # sampler slots decoding at once
+  num_samples: int = 64  # samples per prompt
+  samples_at_once: int = 0  # rows per slot: samples of one prompt decoding together (0 = all)
   max_new_tokens: int = 32768
   prompt_len: int = 256  # the prompt bucket (a power of two above the longest prompt)
   compute_dtype: str = "float32"
@@ -413,14 +414,13 @@ def estimate_eval(cfg: ModelConfig, shape: EvalShape, mesh: tuple[int, int, int,
                   ) -> Estimate:
   """Per-device memory of sampling (sampler.py): parameters, the KV cache, decode state.
 
-  Rows are prompts x samples, with prompts padded to a multiple of data x fsdp (x context,
-  which evaluation folds into data) and rows split over them; the cache holds
+  Rows are slots x samples of a prompt, with slots padded to a multiple of data x fsdp (x
+  context, which evaluation folds into data) and rows split over them; the cache holds
   [L, rows, P + max_new_tokens, K, H] keys and values (kv heads over tp when they divide,
-  as XLA lays out prefill's output; measured on a (1, 2, 1, 2) mesh). A decode step runs
-  the layers as a scan that reads the cache as its input and writes the updated cache as
-  its output; XLA:CPU holds two more cache-sized buffers for that besides the donated state
-  (measured: `_decode`'s temporaries are 2.0x the cache), which dominates a refill's
-  prefill of fresh rows.
+  as XLA lays out prefill's output; measured on a (1, 2, 1, 2) mesh). The decode state is
+  donated and the cache, one array per layer, is updated in place; XLA's temporaries are
+  then about one layer's keys or values (measured on CPU), which dominates a refill's
+  prefill of fresh rows. A prompt's samples decode `samples_at_once` at a time.
   """
   data, fsdp, context, tp = mesh
   mesh = (data * context, fsdp, 1, tp)  # run.run_eval folds context into data for decoding
@@ -434,19 +434,22 @@ def estimate_eval(cfg: ModelConfig, shape: EvalShape, mesh: tuple[int, int, int,
   except ValueError as e:
     return Estimate({}, {}, problems=[str(e)])
   slots = shape.batch_size + (-shape.batch_size % dp)
-  rows = slots * shape.num_samples // dp
+  group = shape.samples_at_once or shape.num_samples
+  rows = slots * group // dp
   length = shape.prompt_len + shape.max_new_tokens
   kvh = cfg.num_kv_heads // tp if cfg.num_kv_heads % tp == 0 else cfg.num_kv_heads
   cache = 2 * cfg.num_layers * rows * length * kvh * cfg.head_dim * _BYTES[shape.cache_dtype]
   n = max(1, cfg.num_heads // tp)
   # One query per row attends over the whole cache: fp32 scores [rows, N, S] of a layer;
-  # logits [rows, V] in fp32 for sampling; one layer's cache cast to the compute dtype.
-  decode = rows * n * length * 4 + rows * cfg.vocab_size * 4 * 2
+  # logits [rows, V] in fp32 for sampling; a copy of one layer's keys or values, which XLA
+  # keeps around the in-place update of the loop-carried cache; one layer's cache cast to
+  # the compute dtype.
+  decode = (rows * n * length * 4 + rows * cfg.vocab_size * 4 * 2
+            + cache // (2 * cfg.num_layers))
   if shape.cache_dtype != shape.compute_dtype:
     decode += cache // cfg.num_layers // _BYTES[shape.cache_dtype] * _BYTES[shape.compute_dtype]
-  held = {f"parameters ({cfg.param_dtype})": params, f"KV cache ({shape.cache_dtype})": cache,
-          "KV cache rewritten by the layer scan (2 copies)": 2 * cache}
-  notes = [f"{rows} row(s) ({slots} prompts x {shape.num_samples} samples over {dp} "
+  held = {f"parameters ({cfg.param_dtype})": params, f"KV cache ({shape.cache_dtype})": cache}
+  notes = [f"{rows} row(s) ({slots} slots x {group} samples of a prompt over {dp} "
            f"data-parallel devices) x {length} cache slots"]
   return Estimate(held, {"decode step": {"scores, logits, cast cache": decode}}, notes,
                   problems)
@@ -558,25 +561,26 @@ def suggest(cfg: ModelConfig, shape: TrainShape, mesh: tuple[int, int, int, int]
 
 def suggest_eval(cfg: ModelConfig, shape: EvalShape, mesh: tuple[int, int, int, int],
                  chip: Chip, margin: float = 0.1, limit: int = 3) -> list[Suggestion]:
-  """Evaluation settings that fit: a bf16 cache, fewer prompts at once, tensor parallelism
-  over the kv heads (rows cannot go below data x fsdp prompts x samples), and, last, fewer
-  samples per prompt (which changes what avg@n averages over)."""
+  """Evaluation settings that fit: a bf16 cache, fewer slots at once, fewer samples of a
+  prompt at once (`samples_at_once`: the prompt is prefilled once per group; avg@n still
+  averages over all `num_samples`), and tensor parallelism over the kv heads (rows cannot go
+  below one per data x fsdp device)."""
   devices = math.prod(mesh)
   budget = chip.hbm_bytes * (1 - margin)
   meshes = {mesh} | {(1, devices // tp, 1, tp) for tp in _divisors(cfg.num_heads)
                      if tp <= 8 and devices % tp == 0}
+  group = shape.samples_at_once or shape.num_samples
   found = []
   for m in meshes:
     for cache_dtype in dict.fromkeys((shape.cache_dtype, "bfloat16")):
       dp = m[0] * m[1]
-      # Prompts are padded to a multiple of data x fsdp: of the batch sizes that give the
-      # same rows, only the largest.
+      # Slots are padded to a multiple of data x fsdp: of the batch sizes that give the same
+      # rows, only the largest.
       batches = {k + (-k % dp): k for k in _divisors(shape.batch_size)}.values()
       for batch in batches:
-        for samples in [shape.num_samples // 2 ** i for i in range(4)
-                        if shape.num_samples % 2 ** i == 0]:
+        for at_once in [g for g in _divisors(shape.num_samples) if g <= group]:
           s = dataclasses.replace(shape, cache_dtype=cache_dtype, batch_size=batch,
-                                  num_samples=samples)
+                                  samples_at_once=at_once)
           est = estimate_eval(cfg, s, m)
           if est.problems or est.peak > budget:
             continue
@@ -587,10 +591,12 @@ def suggest_eval(cfg: ModelConfig, shape: EvalShape, mesh: tuple[int, int, int, 
             overrides["eval.cache_dtype"] = cache_dtype
           if batch != shape.batch_size:
             overrides["eval.batch_size"] = batch
-          if samples != shape.num_samples:
-            overrides["eval.num_samples"] = samples
-          # Time grows as fewer prompts decode at once; fewer samples is a different metric.
-          cost = (shape.batch_size / batch) ** 0.5 * (1 + 0.08 * math.log2(m[3]))
-          cost += 10 * math.log2(shape.num_samples / samples)
+          if at_once != group:
+            overrides["eval.samples_at_once"] = at_once
+          # Time grows as fewer rows decode at once (and with more prefills of a prompt).
+          cost = (shape.batch_size * group / (batch * at_once)) ** 0.5 * (
+              1 + 0.08 * math.log2(m[3])) + 0.02 * math.log2(group / at_once)
+          if cache_dtype != shape.cache_dtype:  # rounding the cache can move scores: last
+            cost += 2
           found.append(Suggestion(overrides, est, cost))
   return _first_distinct(found, limit)

@@ -194,6 +194,7 @@ def eval_config(c) -> evaluate.EvalConfig:
       tasks=tuple(t.strip() for t in e.tasks.split(",") if t.strip()),
       num_samples=e.num_samples, temperature=e.temperature, top_p=e.top_p, top_k=e.top_k,
       max_new_tokens=e.max_new_tokens, greedy=e.greedy, batch_size=e.batch_size,
+      samples_at_once=e.samples_at_once,
       limit=e.limit, instruction=e.instruction, seed=e.seed, cache_dtype=e.cache_dtype,
       grading_workers=e.grading_workers)
 
@@ -221,5 +222,7 @@ def run_eval(c, model, workdir: str, source: str, mesh) -> dict:
     state = jax.device_put(state, model_lib.state_shardings(state, mesh))
     model = nnx.merge(graphdef, state)
     logging.info("evaluating on mesh %s (context folded into data)", sharding.describe(mesh))
-  return evaluate.evaluate(Sampler.from_model(model, mesh), renderer, ecfg, workdir,
-                           model_description=description, log=logging.info)
+  # The model was loaded for this evaluation: the sampler takes over its weights.
+  sampler = Sampler.from_model(model, mesh, consume=True)
+  return evaluate.evaluate(sampler, renderer, ecfg, workdir, model_description=description,
+                           log=logging.info)

@@ -11,6 +11,8 @@ length); decode once per (batch, cache length, sampling settings).
 
 With `num_samples` > 1 each prompt is prefilled once, as one row, and its cache is then
 copied to its `num_samples` rows: the prompt's compute is shared, its cache memory is not.
+`samples_at_once` splits a prompt's samples into groups decoded in turn, each prefilled
+again, so that the cache need not hold every sample of a prompt at once.
 
 Decode speed (tools/bench_decode.py) rests on three choices: the sampler holds the layer
 weights one array per layer and the cache is one array per layer (a scan over [L, ...]
@@ -25,6 +27,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import warnings
 from collections.abc import Sequence
 
 import jax
@@ -179,34 +182,43 @@ class Sampler:
   mesh: jax.sharding.Mesh | None = None  # sample sharded like training: batch over data
 
   @classmethod
-  def from_model(cls, model: Transformer, mesh: jax.sharding.Mesh | None = None) -> Sampler:
+  def from_model(cls, model: Transformer, mesh: jax.sharding.Mesh | None = None, *,
+                 consume: bool = False) -> Sampler:
     """`mesh`: the mesh the model's parameters live on; rows are then split over its
-    data-parallel axes (the batch is padded to a multiple of them). The sampler keeps its own
-    copy of the layer weights, one array per layer (`_unstack_layers`): as much memory again
-    as the layers while both live."""
-    graphdef, params = nnx.split(_unstack_layers(model))
+    data-parallel axes (the batch is padded to a multiple of them).
+
+    The sampler holds the layer weights one array per layer (`_unstack_layers`), a copy of
+    the model's [L, ...] stacks: as much memory again as the layers while both live. With
+    `consume` the stacks are freed once copied (evaluation of a loaded checkpoint), and the
+    model must not be used again.
+    """
+    graphdef, params = nnx.split(_unstack_layers(model, consume))
     cfg = model.config
     return cls(graphdef, params, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
                cfg.max_position_embeddings, mesh)
 
   def generate(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *,
-               num_samples: int = 1, seed: int = 0,
-               batch_size: int | None = None, decode_chunk: int = 16) -> list[list[Sample]]:
+               num_samples: int = 1, seed: int = 0, batch_size: int | None = None,
+               samples_at_once: int = 0, decode_chunk: int = 16) -> list[list[Sample]]:
     """Samples `num_samples` continuations of each prompt, with continuous batching.
 
-    `batch_size` prompts (each with its `num_samples` rows) decode together; whenever all
-    rows of a prompt have finished, the next waiting prompt is prefilled into its rows, so
-    long-tail samples do not idle the batch. Each sample draws from its own random stream
-    (seed, prompt index, sample index, step), so results do not depend on `batch_size` or on
-    which rows a prompt lands in.
+    Work is cut into groups of `samples_at_once` samples of one prompt (all `num_samples` by
+    default), and `batch_size` groups decode together, each in its own slot of rows; whenever
+    every row of a slot has finished, the next waiting group is prefilled into it, so
+    long-tail samples do not idle the batch. A group's prompt is prefilled once for its rows;
+    smaller groups bound the KV cache (64 samples x 32k tokens do not fit one device for most
+    models) at the cost of prefilling the prompt once per group. Each sample draws from its own
+    random stream (seed, prompt index, sample index, step), so results do not depend on
+    `batch_size`, `samples_at_once` or on which rows a sample lands in.
 
     Args:
       prompts: token ids of each prompt.
       cfg: sampling settings.
-      num_samples: continuations per prompt (the prompt is prefilled once for all of them).
+      num_samples: continuations per prompt.
       seed: the same seed, prompts and settings give the same samples.
-      batch_size: prompts decoding at once (default: all).
-      decode_chunk: decode steps between checks for finished prompts.
+      batch_size: groups decoding at once (default: all).
+      samples_at_once: samples of one prompt per group (0 = all); must divide num_samples.
+      decode_chunk: decode steps between checks for finished groups.
     Returns:
       For each prompt, its samples.
     """
@@ -217,8 +229,13 @@ class Sampler:
       raise ValueError(
           f"a prompt of {longest} tokens plus max_new_tokens={cfg.max_new_tokens} exceeds the "
           f"model's {self.max_positions} positions; shorten the prompt or max_new_tokens")
-    n = num_samples
-    slots = min(batch_size or len(prompts), len(prompts))
+    n = samples_at_once or num_samples
+    if num_samples < 1 or n < 1 or num_samples % n:
+      raise ValueError(f"samples_at_once={samples_at_once} must divide num_samples="
+                       f"{num_samples} (or be 0 for all of them)")
+    # Groups: (prompt, first sample), a prompt's groups one after another.
+    groups = [(i, j) for i in range(len(prompts)) for j in range(0, num_samples, n)]
+    slots = min(batch_size or len(groups), len(groups))
     dp = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     slots += -slots % dp  # prompts (and so rows) must divide over the data axes
     p = bucket(longest)
@@ -226,9 +243,9 @@ class Sampler:
                   cache_dtype=jnp.bfloat16 if cfg.cache_dtype == "bfloat16" else jnp.float32,
                   cfg=cfg, cache_shape=(self.num_layers, self.num_kv_heads, self.head_dim))
     base_key = jax.random.key(seed)
-    results: list[list[Sample] | None] = [None] * len(prompts)
-    waiting = list(range(len(prompts)))
-    owner = [-1] * slots  # prompt index decoding in each slot
+    results: list[list[Sample | None]] = [[None] * num_samples for _ in prompts]
+    waiting = list(range(len(groups)))
+    owner = [-1] * slots  # group decoding in each slot
     state = None
     with self._mesh_context():
       while waiting or any(o >= 0 for o in owner):
@@ -241,20 +258,23 @@ class Sampler:
           tokens = np.zeros((size, p), np.int32)
           lengths = np.ones((size,), np.int32)
           ids = np.zeros((size,), np.int32)
+          first = np.zeros((size,), np.int32)
           dest = np.full((size,), slots, np.int32)  # padding rows go nowhere
           for r, s in enumerate(fill):
-            i = waiting.pop(0)
-            owner[s], ids[r], dest[r] = i, i, s
+            g = waiting.pop(0)
+            i, first[r] = groups[g]
+            owner[s], ids[r], dest[r] = g, i, s
             tokens[r, :len(prompts[i])] = prompts[i]
             lengths[r] = len(prompts[i])
           fresh = _prefill(self.params, self._put(tokens), self._put(lengths), self._put(ids),
-                           base_key, **static)
+                           self._put(first), base_key, **static)
           state = fresh if state is None else _insert(state, fresh, self._put(dest), n=n)
         state = _decode(self.params, state, steps=decode_chunk, **static)
         done = np.asarray(state.done).reshape(slots, n)
         for s in range(slots):
           if owner[s] >= 0 and done[s].all():
-            results[owner[s]] = self._collect(state, s, n)
+            i, j = groups[owner[s]]
+            results[i][j:j + n] = self._collect(state, s, n)
             owner[s] = -1
         if not waiting and all(o < 0 for o in owner):
           break
@@ -295,9 +315,10 @@ _STATIC = ("graphdef", "n", "cache_len", "cache_dtype", "cfg", "cache_shape")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _prefill(params, tokens_SP, lengths_S, prompt_ids_S, base_key, *, graphdef, n, cache_len,
-             cache_dtype, cfg, cache_shape) -> _DecodeState:
-  """Prefills S prompts once and lays each out as its n sample rows."""
+def _prefill(params, tokens_SP, lengths_S, prompt_ids_S, first_sample_S, base_key, *, graphdef,
+             n, cache_len, cache_dtype, cfg, cache_shape) -> _DecodeState:
+  """Prefills S prompts once and lays each out as n sample rows, the samples numbered from
+  its `first_sample_S` on."""
   model = nnx.merge(graphdef, params)
   b, p = tokens_SP.shape
   layers, kv_heads, head_dim = cache_shape
@@ -310,7 +331,7 @@ def _prefill(params, tokens_SP, lengths_S, prompt_ids_S, base_key, *, graphdef, 
   rep = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731
   cache = jax.tree.map(rep, cache.replace(end_index=lengths_S))
   rows = b * n
-  sample_ids = jnp.tile(jnp.arange(n, dtype=jnp.int32), b)
+  sample_ids = rep(first_sample_S) + jnp.tile(jnp.arange(n, dtype=jnp.int32), b)
   keys = jax.vmap(lambda i, j: jax.random.fold_in(jax.random.fold_in(base_key, i), j))(
       rep(prompt_ids_S), sample_ids)
   return _DecodeState(cache=cache, logits=rep(logits), lengths=rep(lengths_S), keys=keys,
@@ -388,22 +409,30 @@ def _cache_len(state: _DecodeState) -> int:
   return state.cache.length
 
 
-def _unstack_layers(model: Transformer) -> Transformer:
+def _unstack_layers(model: Transformer, consume: bool = False) -> Transformer:
   """A second module over `model`'s weights, its layers L separate Blocks (an nnx.List).
 
   A decode step reads each weight once; run as a scan over the [L, ...] stack, XLA:CPU first
   copies each layer's slice out of the stack, tripling the step's weight traffic. The split
-  copies the layer weights once: the sampler holds its own copy of them, the model keeps its
-  stack (the embedding, final norm and head stay shared).
+  copies the layer weights once (the embedding, final norm and head stay shared); with
+  `consume` the model's stacks are donated to it and freed.
   """
   graphdef, state = nnx.split(model)
   model = nnx.merge(graphdef, state)
   layer_def, stacked = nnx.split(model.layers)
-  per_layer = _split_stack(stacked, model.config.num_layers)
+  if consume:
+    with warnings.catch_warnings():  # slices cannot reuse the stack's buffers; it is freed
+      warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+      per_layer = _split_stack_donated(stacked, model.config.num_layers)
+  else:
+    per_layer = _split_stack(stacked, model.config.num_layers)
   model.layers = nnx.List([nnx.merge(layer_def, st) for st in per_layer])
   return model
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _split_stack(stacked: nnx.State, n: int) -> list[nnx.State]:
+def _split_stack_impl(stacked: nnx.State, n: int) -> list[nnx.State]:
   return [jax.tree.map(lambda a: a[i], stacked) for i in range(n)]
+
+
+_split_stack = jax.jit(_split_stack_impl, static_argnums=1)
+_split_stack_donated = jax.jit(_split_stack_impl, static_argnums=1, donate_argnums=0)

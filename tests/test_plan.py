@@ -99,13 +99,15 @@ def test_train_estimate_is_within_20_percent_of_xla(name):
 def test_eval_estimate_is_within_20_percent_of_the_decode_step():
   """The sampler's decode step (state donated, laid out as prefill leaves it) on a (1, 2, 1, 2)
   mesh: 4 prompts x 8 samples, 2,080 cache slots. Its KV cache dominates (kv heads over tp),
-  with the layer scan's two copies of it."""
+  updated in place."""
   cfg = ModelConfig(**dict(TINY, attention="auto"))
   mesh_shape, slots, n, prompt, new = (1, 2, 1, 2), 4, 8, 32, 2048
   mesh = sharding.make_mesh(mesh_shape, jax.devices()[:4])
-  graphdef, abs_state = nnx.split(model_lib.abstract_model(cfg))
-  params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abs_state, model_lib.state_shardings(abs_state, mesh))
+  # The sampler's own module: its layers one by one, each weight sharded as in the stack.
+  model = model_lib.create_model(cfg, mesh)
+  graphdef, params = nnx.split(sampler._unstack_layers(model))  # pylint: disable=protected-access
+  params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                        params)
   static = dict(graphdef=graphdef, n=n, cache_len=prompt + new, cache_dtype=jnp.float32,
                 cfg=sampler.SamplingConfig(max_new_tokens=new),
                 cache_shape=(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim))
@@ -114,7 +116,7 @@ def test_eval_estimate_is_within_20_percent_of_the_decode_step():
   lengths = jax.ShapeDtypeStruct((slots,), jnp.int32, sharding=sharding.batch_sharding(mesh, 1))
   prefill, decode = sampler._prefill, sampler._decode  # pylint: disable=protected-access
   with jax.set_mesh(mesh):
-    args = (params, tokens, lengths, lengths, jax.random.key(0))
+    args = (params, tokens, lengths, lengths, lengths, jax.random.key(0))
     state = jax.eval_shape(lambda *a: prefill(*a, **static), *args)
     layout = prefill.lower(*args, **static).compile().output_shardings
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,

@@ -68,6 +68,14 @@ def test_samples_are_seeded_and_prompt_prefilled_once(tiny_qwen2_dir):
   flat = lambda r: [s.tokens.tolist() for x in r for s in x]  # noqa: E731
   assert flat(a) == flat(b) and flat(a) != flat(c)
   assert len({tuple(s.tokens) for s in a[0]}) > 1  # the samples differ from each other
+  # A prompt's samples decoded in groups (each prefilled again), slots refilled across
+  # prompts: the same samples, in the same order.
+  for at_once, batch in ((2, 3), (1, 2)):
+    got = sampler.generate(prompts, cfg, num_samples=4, seed=7, samples_at_once=at_once,
+                           batch_size=batch)
+    assert flat(got) == flat(a), (at_once, batch)
+  with pytest.raises(ValueError, match="samples_at_once=3 must divide num_samples=4"):
+    sampler.generate(prompts, cfg, num_samples=4, samples_at_once=3)
 
 
 def _frequencies(logits, n=20000, **kw):

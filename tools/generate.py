@@ -2,7 +2,8 @@
 
   python tools/generate.py --init=DIR --prompts=FILE.jsonl --output=FILE.jsonl \
       [--tokenizer=DIR] [--temperature=0.6 --top_p=0.95 --top_k=0] [--num_samples=1] \
-      [--max_new_tokens=1024] [--chat_template=true] [--batch_size=8] [--seed=0]
+      [--max_new_tokens=1024] [--chat_template=true] [--batch_size=8] [--samples_at_once=0] \
+      [--seed=0]
 
 DIR is a Hugging Face directory or an Orbax checkpoint / training workdir (then give
 --tokenizer). Lines are appended as batches finish; rerunning continues where it stopped.
@@ -31,7 +32,10 @@ flags.DEFINE_float("top_p", 0.95, "Nucleus mass.")
 flags.DEFINE_integer("top_k", 0, "0 = off.")
 flags.DEFINE_integer("num_samples", 1, "Samples per prompt.")
 flags.DEFINE_integer("max_new_tokens", 1024, "Generated tokens per sample at most.")
-flags.DEFINE_integer("batch_size", 8, "Prompts per batch.")
+flags.DEFINE_integer("batch_size", 8, "Sampler slots: groups of one prompt's samples decoding "
+                     "at once.")
+flags.DEFINE_integer("samples_at_once", 0, "Samples of one prompt per slot (0 = all "
+                     "num_samples); smaller bounds the KV cache. Must divide num_samples.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute and cache dtype.")
 flags.mark_flags_as_required(["init", "prompts", "output"])
@@ -48,10 +52,10 @@ def main(argv):
   cfg = SamplingConfig(temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k,
                        max_new_tokens=FLAGS.max_new_tokens, stop_ids=generate.stop_ids(renderer),
                        cache_dtype=FLAGS.dtype, vocab_size=tokenizer.vocab_size)
-  n = generate.generate_file(Sampler.from_model(model), renderer, FLAGS.prompts, FLAGS.output,
-                             cfg, num_samples=FLAGS.num_samples, seed=FLAGS.seed,
-                             batch_size=FLAGS.batch_size, use_chat_template=FLAGS.chat_template,
-                             log=logging.info)
+  n = generate.generate_file(Sampler.from_model(model, consume=True), renderer, FLAGS.prompts,
+                             FLAGS.output, cfg, num_samples=FLAGS.num_samples, seed=FLAGS.seed,
+                             batch_size=FLAGS.batch_size, samples_at_once=FLAGS.samples_at_once,
+                             use_chat_template=FLAGS.chat_template, log=logging.info)
   print(f"wrote {n} lines to {FLAGS.output}")
 
 

@@ -6,7 +6,7 @@
 
 Prints per-device bytes of the training step (parameters, AdamW state, gradients, saved
 activations under the remat policy, one layer's backward, attention, the loss chunk, FSDP
-gathers) and of evaluation (the KV cache of eval.batch_size x eval.num_samples rows), the
+gathers) and of evaluation (the KV cache of eval.batch_size x eval.samples_at_once rows), the
 peak against the devices' memory less a margin, and, when something does not fit, the first
 settings that do, as --config overrides. The model is `model.preset` (the architecture of
 init.hf_dir) with the config's dtypes, remat and attention. The estimates come from
@@ -56,6 +56,7 @@ def plan(c, topo: memory.Topology, margin: float, suggestions: int, prompt_len: 
   other_problems = [p for p in problems if p not in train.problems]
   train.problems = list(dict.fromkeys(problems + train.problems))
   eval_shape = memory.EvalShape(batch_size=c.eval.batch_size, num_samples=c.eval.num_samples,
+                                samples_at_once=c.eval.samples_at_once,
                                 max_new_tokens=c.eval.max_new_tokens, prompt_len=prompt_len,
                                 compute_dtype=c.eval.compute_dtype,
                                 cache_dtype=c.eval.cache_dtype)

@@ -116,10 +116,23 @@ def _mul_steps(a: int, d: int, slip_at: int | None) -> list[str]:
     if i == slip_at:
       line += f"{x * d + d}. No wait, {x}*{d}="
     so_far = f"{p % 10}{so_far}"
-    steps.append(line + f"{x * d}, plus carry {carry} is {p}, write {p % 10}, carry {p // 10}, "
-                 f"so far {so_far}.")
+    steps.append(line + f"{x * d}, {_plus_carry(x * d, carry)}, so far {so_far}.")
     a, carry, i = a // 10, p // 10, i + 1
   return steps
+
+
+def _plus_carry(product: int, carry: int) -> str:
+  """The carry added to a digit product one fact at a time, then what to write and carry:
+  the last digit first, then the tens when that overflows ("plus carry 8: 4+8=12, tens
+  2+1=3, write 2, carry 3" for 24 + 8)."""
+  total = product + carry
+  if not carry:
+    return f"write {total % 10}, carry {total // 10}"
+  units = product % 10 + carry
+  text = f"plus carry {carry}: {product % 10}+{carry}={units}"
+  if units >= 10:
+    text += f", tens {product // 10}+1={product // 10 + 1}"
+  return text + f", write {total % 10}, carry {total // 10}"
 
 
 def thinking(key: tuple, slip: bool = False) -> str:
