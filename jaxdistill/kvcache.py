@@ -7,6 +7,9 @@ per row at `end_index` and advances it, so the sampler controls where each row c
 Keys and values are L separate arrays, not one [L, ...] stack: a decode step writes one slot
 per row in each layer, and XLA updates a loop-carried buffer of its own in place, whereas
 pulling a layer out of a stack (and putting it back) copies the whole layer every step.
+Each is laid out [B, K, S, H], the layout of attention's matrix products (batch and kv head
+leading, slots by head dim last), so a decode step reads the cache where it lies instead of
+transposing all of it first.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ import jax.numpy as jnp
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-  k: tuple[jax.Array, ...]  # L x [B, S, K, H]
-  v: tuple[jax.Array, ...]  # L x [B, S, K, H]
+  k: tuple[jax.Array, ...]  # L x [B, K, S, H]
+  v: tuple[jax.Array, ...]  # L x [B, K, S, H]
   positions: jax.Array  # [B, S] int32: RoPE position of the token in each slot
   segment_ids: jax.Array  # [B, S] int32: 0 = empty slot
   end_index: jax.Array  # [B] int32: next slot to write in each row
@@ -29,7 +32,7 @@ class KVCache:
   @classmethod
   def zeros(cls, num_layers: int, batch: int, length: int, num_kv_heads: int, head_dim: int,
             dtype=jnp.float32) -> KVCache:
-    kv_shape = (batch, length, num_kv_heads, head_dim)
+    kv_shape = (batch, num_kv_heads, length, head_dim)
     return cls(
         k=tuple(jnp.zeros(kv_shape, dtype) for _ in range(num_layers)),
         v=tuple(jnp.zeros(kv_shape, dtype) for _ in range(num_layers)),
@@ -40,18 +43,20 @@ class KVCache:
 
   @property
   def length(self) -> int:
-    return self.k[0].shape[1]
+    return self.k[0].shape[2]
 
   def replace(self, **changes) -> KVCache:
     return dataclasses.replace(self, **changes)
 
 
-def write_rows(buffer_BS_: jax.Array, new_BT_: jax.Array, index_B: jax.Array) -> jax.Array:
-  """Writes new_BT_[b] into buffer_BS_[b] at slot index_B[b] (along axis 1), row by row.
+def write_rows(buffer_BS_: jax.Array, new_BT_: jax.Array, index_B: jax.Array,
+               axis: int = 0) -> jax.Array:
+  """Writes new_BT_[b] into buffer_BS_[b] at slot index_B[b] (along the row's `axis`: 0 for
+  [B, S, ...] buffers, 1 for [B, K, S, H] keys and values), row by row.
 
   The caller guarantees index_B + T <= S: `dynamic_update_slice` would otherwise clamp the
   start and overwrite earlier slots.
   """
   def one(buf, new, i):
-    return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), i, axis=0)
+    return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), i, axis=axis)
   return jax.vmap(one)(buffer_BS_, new_BT_, index_B)

@@ -416,7 +416,7 @@ def estimate_eval(cfg: ModelConfig, shape: EvalShape, mesh: tuple[int, int, int,
 
   Rows are slots x samples of a prompt, with slots padded to a multiple of data x fsdp (x
   context, which evaluation folds into data) and rows split over them; the cache holds
-  [L, rows, P + max_new_tokens, K, H] keys and values (kv heads over tp when they divide,
+  L x [rows, K, P + max_new_tokens, H] keys and values (kv heads over tp when they divide,
   as XLA lays out prefill's output; measured on a (1, 2, 1, 2) mesh). The decode state is
   donated and the cache, one array per layer, is updated in place; XLA's temporaries are
   then about one layer's keys or values (measured on CPU), which dominates a refill's

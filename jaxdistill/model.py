@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from jaxdistill import attention
-from jaxdistill.attention import attention_mask, dense_attention
+from jaxdistill.attention import attention_mask, dense_attention_bksh
 from jaxdistill.kvcache import KVCache, write_rows
 from jaxdistill.model_config import ModelConfig
 from jaxdistill.sharding import param_spec, shard
@@ -117,25 +117,23 @@ class Attention(nnx.Module):
     self.o_proj = Dense("BTNH,NHD->BTD", (n, h, d), None, cfg, rngs=rngs)
     self.impl, self.block = cfg.attention, cfg.attention_block
 
-  def __call__(self, x_BTD, sin, cos, mask_BTS, k_BSKH=None, v_BSKH=None, end_index_B=None,
+  def __call__(self, x_BTD, sin, cos, mask_BTS, k_BKSH=None, v_BKSH=None, end_index_B=None,
                pos_seg=None):
-    """With a cache, attends through `mask_BTS` to the cache; without one, `mask_BTS` is None
-    and `pos_seg` = (positions, segment ids) of the sequence attending to itself."""
+    """With a cache ([B, K, S, H] keys and values), attends through `mask_BTS` to it; without
+    one, `mask_BTS` is None and `pos_seg` = (positions, segment ids) of the sequence
+    attending to itself."""
     q_BTNH = shard(apply_rope(self.q_proj(x_BTD), sin, cos), _BATCH_SEQ + ("heads", None))
     k_BTKH = apply_rope(self.k_proj(x_BTD), sin, cos)
     v_BTKH = self.v_proj(x_BTD)
-    if k_BSKH is not None:  # decode / prefill into the cache
-      k_BSKH = write_rows(k_BSKH, k_BTKH, end_index_B)
-      v_BSKH = write_rows(v_BSKH, v_BTKH, end_index_B)
-      k_att, v_att = k_BSKH.astype(x_BTD.dtype), v_BSKH.astype(x_BTD.dtype)
+    if k_BKSH is not None:  # decode / prefill into the cache
+      k_BKSH = write_rows(k_BKSH, k_BTKH.swapaxes(1, 2), end_index_B, axis=1)
+      v_BKSH = write_rows(v_BKSH, v_BTKH.swapaxes(1, 2), end_index_B, axis=1)
+      out_BTNH = dense_attention_bksh(q_BTNH, k_BKSH.astype(x_BTD.dtype),
+                                      v_BKSH.astype(x_BTD.dtype), mask_BTS)
     else:
-      k_att, v_att = k_BTKH, v_BTKH
-    if mask_BTS is None:
-      out_BTNH = attention.self_attention(q_BTNH, k_att, v_att, *pos_seg, impl=self.impl,
+      out_BTNH = attention.self_attention(q_BTNH, k_BTKH, v_BTKH, *pos_seg, impl=self.impl,
                                           block=self.block)
-    else:
-      out_BTNH = dense_attention(q_BTNH, k_att, v_att, mask_BTS)
-    return self.o_proj(out_BTNH), k_BSKH, v_BSKH
+    return self.o_proj(out_BTNH), k_BKSH, v_BKSH
 
 
 class MLP(nnx.Module):
@@ -159,13 +157,13 @@ class Block(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x_BTD, sin, cos, mask_BTS, k_BSKH=None, v_BSKH=None, end_index_B=None,
+  def __call__(self, x_BTD, sin, cos, mask_BTS, k_BKSH=None, v_BKSH=None, end_index_B=None,
                pos_seg=None):
-    attn, k_BSKH, v_BSKH = self.self_attn(self.input_layernorm(x_BTD), sin, cos, mask_BTS,
-                                          k_BSKH, v_BSKH, end_index_B, pos_seg)
+    attn, k_BKSH, v_BKSH = self.self_attn(self.input_layernorm(x_BTD), sin, cos, mask_BTS,
+                                          k_BKSH, v_BKSH, end_index_B, pos_seg)
     x_BTD = x_BTD + attn
     x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
-    return shard(x_BTD, _BATCH_SEQ + (None,)), k_BSKH, v_BSKH
+    return shard(x_BTD, _BATCH_SEQ + (None,)), k_BKSH, v_BKSH
 
 
 _REMAT = {

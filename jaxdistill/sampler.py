@@ -14,11 +14,12 @@ copied to its `num_samples` rows: the prompt's compute is shared, its cache memo
 `samples_at_once` splits a prompt's samples into groups decoded in turn, each prefilled
 again, so that the cache need not hold every sample of a prompt at once.
 
-Decode speed (tools/bench_decode.py) rests on three choices: the sampler holds the layer
+Decode speed (tools/bench_decode.py) rests on four choices: the sampler holds the layer
 weights one array per layer and the cache is one array per layer (a scan over [L, ...]
-stacks makes XLA:CPU copy each layer's slice every step); greedy and the top-k / top-p cuts
-avoid sorting the vocabulary (`sample_token`); and the decode state is donated, so the
-cache is updated in place.
+stacks makes XLA:CPU copy each layer's slice every step); the cache is laid out [B, K, S, H],
+as attention's matrix products read it (a [B, S, K, H] cache was transposed whole every
+step); greedy and the top-k / top-p cuts avoid sorting the vocabulary (`sample_token`); and
+the decode state is donated, so the cache is updated in place.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import time
 import warnings
 from collections.abc import Sequence
 
@@ -199,7 +201,8 @@ class Sampler:
 
   def generate(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *,
                num_samples: int = 1, seed: int = 0, batch_size: int | None = None,
-               samples_at_once: int = 0, decode_chunk: int = 16) -> list[list[Sample]]:
+               samples_at_once: int = 0, decode_chunk: int = 16,
+               timings: dict[str, float] | None = None) -> list[list[Sample]]:
     """Samples `num_samples` continuations of each prompt, with continuous batching.
 
     Work is cut into groups of `samples_at_once` samples of one prompt (all `num_samples` by
@@ -219,6 +222,8 @@ class Sampler:
       batch_size: groups decoding at once (default: all).
       samples_at_once: samples of one prompt per group (0 = all); must divide num_samples.
       decode_chunk: decode steps between checks for finished groups.
+      timings: if given, its "prefill" and "decode" entries are increased by the seconds each
+        phase took (prefill and refills; decode steps), measured to completion.
     Returns:
       For each prompt, its samples.
     """
@@ -266,11 +271,18 @@ class Sampler:
             owner[s], ids[r], dest[r] = g, i, s
             tokens[r, :len(prompts[i])] = prompts[i]
             lengths[r] = len(prompts[i])
+          start = time.perf_counter()
           fresh = _prefill(self.params, self._put(tokens), self._put(lengths), self._put(ids),
                            self._put(first), base_key, **static)
           state = fresh if state is None else _insert(state, fresh, self._put(dest), n=n)
+          if timings is not None:
+            jax.block_until_ready(state)
+            timings["prefill"] = timings.get("prefill", 0.0) + time.perf_counter() - start
+        start = time.perf_counter()
         state = _decode(self.params, state, steps=decode_chunk, **static)
         done = np.asarray(state.done).reshape(slots, n)
+        if timings is not None:
+          timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - start
         for s in range(slots):
           if owner[s] >= 0 and done[s].all():
             i, j = groups[owner[s]]

@@ -87,11 +87,17 @@ def test_packed_segments_equal_separate_sequences(kind, request):
   np.testing.assert_array_equal(np.asarray(got2[0, 23:40]), np.asarray(got[0, 23:40]))
 
 
-def test_kv_cache_prefill_then_decode_equals_full_forward(tiny_llama_dir):
+@pytest.mark.parametrize("layers", ["stacked", "one_by_one"])
+def test_kv_cache_prefill_then_decode_equals_full_forward(layers, tiny_llama_dir):
+  # Both ways the model runs its layers: the [L, ...] stack under a scan (training) and the
+  # sampler's layers one by one.
+  from jaxdistill import sampler  # pylint: disable=g-import-not-at-top
   model = hf.load_hf_model(tiny_llama_dir)
   cfg = model.config
   tokens = _tokens((2, 20), seed=4)
   full, _ = model(jnp.asarray(tokens))
+  if layers == "one_by_one":
+    model = sampler._unstack_layers(model)  # pylint: disable=protected-access
   cache = KVCache.zeros(cfg.num_layers, 2, 32, cfg.num_kv_heads, cfg.head_dim)
   pos = np.broadcast_to(np.arange(20), (2, 20))
   seg = np.ones((2, 20), int)

@@ -71,9 +71,11 @@ def test_samples_are_seeded_and_prompt_prefilled_once(tiny_qwen2_dir):
   # A prompt's samples decoded in groups (each prefilled again), slots refilled across
   # prompts: the same samples, in the same order.
   for at_once, batch in ((2, 3), (1, 2)):
+    timings = {}
     got = sampler.generate(prompts, cfg, num_samples=4, seed=7, samples_at_once=at_once,
-                           batch_size=batch)
+                           batch_size=batch, timings=timings)
     assert flat(got) == flat(a), (at_once, batch)
+    assert timings["prefill"] > 0 and timings["decode"] > 0
   with pytest.raises(ValueError, match="samples_at_once=3 must divide num_samples=4"):
     sampler.generate(prompts, cfg, num_samples=4, samples_at_once=3)
 

@@ -3,14 +3,16 @@
   python tools/bench_decode.py                         # bench model: 64-token prompts, 128 new
   python tools/bench_decode.py --preset=qwen2_5_0_5b --prompt_len=2048 --new_tokens=64
 
-Decode speed is separated from the prompt's prefill: each framework generates 1 and then N
-new tokens, in turns, and decode tokens/s = batch x (N - 1) / median(time(N) - time(1)) over
-those pairs (on a shared machine, load that drifts during the run hits both). Prints both
+Decode speed is separated from the prompt's prefill: the sampler reports the seconds of its
+prefill and decode phases (`generate(timings=...)`), and transformers generates from a KV
+cache of the prompt made beforehand (a fresh copy each call), so both time N one-token steps
+per row and nothing else. decode tokens/s = batch x N / median seconds. Prints both
 frameworks' decode tokens/s, their ratio, and the share of the memory-bandwidth bound:
 batch x read bandwidth / (bytes of weights + KV cache read per step), with the read
 bandwidth measured in the same run (a large array reduction). Prefill time is printed too.
 """
 
+import copy
 import os
 import sys
 import time
@@ -52,23 +54,14 @@ def _read_bandwidth() -> float:
   return x.nbytes / seconds
 
 
-def _seconds(fn) -> float:
-  t0 = time.perf_counter()
-  fn()
-  return time.perf_counter() - t0
-
-
 def _decode_rate(generate, batch: int) -> tuple[float, float]:
-  """(decode tokens/s, prefill seconds) of `generate(n)`, which makes n new tokens per row."""
+  """(decode tokens/s, prefill seconds): `generate(n)` makes n new tokens per row and returns
+  (decode seconds, prefill seconds)."""
   n = FLAGS.new_tokens
-  generate(1)  # compiles
-  generate(n)
-  ones, diffs = [], []
-  for _ in range(FLAGS.repeats):
-    one = _seconds(lambda: generate(1))
-    ones.append(one)
-    diffs.append(_seconds(lambda: generate(n)) - one)
-  return batch * (n - 1) / max(float(np.median(diffs)), 1e-9), float(np.median(ones))
+  generate(n)  # compiles
+  runs = [generate(n) for _ in range(FLAGS.repeats)]
+  return (batch * n / max(float(np.median([d for d, _ in runs])), 1e-9),
+          float(np.median([p for _, p in runs])))
 
 
 def main(argv):
@@ -88,8 +81,11 @@ def main(argv):
     prompts = np.random.RandomState(b).randint(3, cfg.vocab_size, (b, FLAGS.prompt_len)).tolist()
 
     def ours(n):
+      timings = {}
       sampler.generate(prompts, SamplingConfig(temperature=0.0, max_new_tokens=n,
-                                               cache_dtype=FLAGS.dtype))
+                                               cache_dtype=FLAGS.dtype), timings=timings,
+                       decode_chunk=n)
+      return timings["decode"], timings["prefill"]
 
     ours_tps, prefill = _decode_rate(ours, b)
     cache_len = FLAGS.prompt_len + FLAGS.new_tokens / 2  # on average over the decode
@@ -99,12 +95,23 @@ def main(argv):
             f"bound {bound_tps:,.0f}; prefill {prefill:.2f}s)")
     if FLAGS.vs_hf:
       ids = torch.tensor(prompts, device=device)
+      sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+      with torch.inference_mode():
+        start = time.perf_counter()
+        # The prompt less its last token: generate feeds that one, then N - 1 more.
+        prompt_cache = ref(ids[:, :-1], use_cache=True).past_key_values
+        sync()
+        t_prefill = time.perf_counter() - start
 
       def theirs(n):
+        cache = copy.deepcopy(prompt_cache)
+        sync()
+        start = time.perf_counter()
         with torch.inference_mode():
-          ref.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-        if device == "cuda":
-          torch.cuda.synchronize()
+          ref.generate(ids, past_key_values=cache, max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False, pad_token_id=0)
+        sync()
+        return time.perf_counter() - start, t_prefill
 
       theirs_tps, t_prefill = _decode_rate(theirs, b)
       line += (f" | transformers {theirs_tps:9.1f} tok/s ({theirs_tps / bound_tps:.2f}; "
