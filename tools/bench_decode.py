@@ -37,7 +37,7 @@ flags.DEFINE_list("batch", ["1", "8"], "Batch sizes.")
 flags.DEFINE_integer("prompt_len", 64, "Prompt tokens.")
 flags.DEFINE_integer("new_tokens", 128, "Generated tokens per row (no early stop).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights, compute and cache.")
-flags.DEFINE_integer("repeats", 3, "Timed (1, N) pairs per setting (median).")
+flags.DEFINE_integer("repeats", 3, "Timed runs per setting (median).")
 flags.DEFINE_bool("vs_hf", True, "Also time transformers generate.")
 
 
@@ -45,9 +45,10 @@ flags.DEFINE_bool("vs_hf", True, "Also time transformers generate.")
 
 def _read_bandwidth() -> float:
   """Bytes/s of a large reduction: what streaming weights from memory can reach here. The
-  array is large enough that one call's launch cost is noise (4 GiB on an accelerator, whose
-  bandwidth reads 256 MiB in well under a millisecond)."""
-  n = (64 if jax.default_backend() == "cpu" else 1024) * 2**20
+  array, 4 GiB, is larger than any CPU's last-level cache (a 256 MiB one partly fits in a
+  large server L3 and read 39-66 GB/s from run to run here) and makes one call's launch cost
+  noise on an accelerator."""
+  n = 2**30
   x = jnp.ones((n,), jnp.float32)
   f = jax.jit(jnp.sum)
   seconds = benchlib.median_time(lambda: f(x).block_until_ready(), 5)
