@@ -238,9 +238,9 @@ class Transformer(nnx.Module):
     end_index = None if cache is None else cache.end_index
     if isinstance(self.layers, nnx.List):
       # Layers held one by one (an nnx.List, as the sampler holds them): run them in turn,
-      # each with its own weight and cache buffers. A scan would slice each layer's weights out of the
-      # [L, ...] stack, which XLA:CPU copies on every call: three times the weight traffic
-      # of a decode step.
+      # each with its own weight and cache buffers. A scan would slice each layer's weights
+      # out of the [L, ...] stack, which XLA:CPU copies on every call: three times the
+      # weight traffic of a decode step.
       k_new, v_new = [], []
       for i, layer in enumerate(self.layers):
         k_l, v_l = (None, None) if kv is None else (kv[0][i], kv[1][i])

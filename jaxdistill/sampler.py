@@ -259,7 +259,8 @@ class Sampler:
           fill = free[:len(waiting)]
           # Only the incoming prompts are prefilled, as a batch of a power-of-two size (one
           # compile each); at the start that is every slot, in order.
-          size = slots if state is None else min(slots, _round_up(bucket(len(fill), 1), dp))
+          size = bucket(len(fill), 1)
+          size = slots if state is None else min(slots, size + -size % dp)
           tokens = np.zeros((size, p), np.int32)
           lengths = np.ones((size,), np.int32)
           ids = np.zeros((size,), np.int32)
@@ -411,10 +412,6 @@ def _sample_rows(logits_BV, keys_B, cfg: SamplingConfig) -> jax.Array:
   rows = sharding.logical_to_spec(("batch",))
   return jax.shard_map(draw, mesh=mesh, in_specs=(sharding.logical_to_spec(("batch", None)), rows),
                        out_specs=rows)(logits_BV, keys_B)
-
-
-def _round_up(x: int, multiple: int) -> int:
-  return -(-x // multiple) * multiple
 
 
 def _cache_len(state: _DecodeState) -> int:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxdistill import memory, model as model_lib, sampler, sharding, train
+from jaxdistill import hardware, memory, model as model_lib, sampler, sharding, train
 from jaxdistill.model_config import ModelConfig
 from jaxdistill.optimizer import OptimConfig, make_optimizer, make_schedule
 
@@ -139,14 +139,14 @@ def test_param_shapes_are_the_models():
 
 
 def test_topologies():
-  v5p = memory.topology("v5p-128")
+  v5p = hardware.topology("v5p-128")
   assert (v5p.devices, v5p.chip.hbm_bytes, v5p.chip.platform) == (64, 95 * 10**9, "tpu")
-  assert memory.topology("v6e-256").devices == 256
-  h100 = memory.topology("8xH100")
+  assert hardware.topology("v6e-256").devices == 256
+  h100 = hardware.topology("8xH100")
   assert (h100.devices, h100.chip.platform) == (8, "gpu")
   assert memory.resolve_mesh((1, -1, 1, 8), 64) == (1, 8, 1, 8)
   with pytest.raises(ValueError, match="unknown topology"):
-    memory.topology("8xV100")
+    hardware.topology("8xV100")
 
 
 def _plan(*args):

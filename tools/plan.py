@@ -23,7 +23,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxdistill import memory, run  # noqa: E402
+from jaxdistill import hardware, memory, run  # noqa: E402
 from jaxdistill.model_config import get_preset  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config (configs/<name>.py).",
@@ -39,7 +39,7 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the r
 flags.mark_flags_as_required(["config", "topology"])
 
 
-def plan(c, topo: memory.Topology, margin: float, suggestions: int, prompt_len: int) -> dict:
+def plan(c, topo: hardware.Topology, margin: float, suggestions: int, prompt_len: int) -> dict:
   """Estimates, verdicts and suggestions for run config `c` on `topo`, as a JSON-able dict."""
   cfg = get_preset(c.model.preset, **run.model_overrides(c))
   mesh = memory.resolve_mesh(c.mesh.shape, topo.devices)
@@ -132,7 +132,7 @@ def report(p: dict) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  p = plan(_CONFIG.value, memory.topology(_TOPOLOGY.value), _MARGIN.value, _SUGGESTIONS.value,
+  p = plan(_CONFIG.value, hardware.topology(_TOPOLOGY.value), _MARGIN.value, _SUGGESTIONS.value,
            _PROMPT_LEN.value)
   print(json.dumps(p, indent=1) if _JSON.value else report(p))
 
