@@ -39,7 +39,7 @@ from flax import nnx
 
 from jaxdistill import sharding
 from jaxdistill.kvcache import KVCache
-from jaxdistill.model import Transformer
+from jaxdistill.model import Embed, Transformer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -423,8 +423,9 @@ def _unstack_layers(model: Transformer, consume: bool = False) -> Transformer:
 
   A decode step reads each weight once; run as a scan over the [L, ...] stack, XLA:CPU first
   copies each layer's slice out of the stack, tripling the step's weight traffic. The split
-  copies the layer weights once (the embedding, final norm and head stay shared); with
-  `consume` the model's stacks are donated to it and freed.
+  copies the layer weights once (the final norm and an untied head stay shared); a tied
+  embedding is copied as [D, V], the faster layout for the output head (`Embed`). With
+  `consume` the model's stacks and tied embedding are donated to the copies and freed.
   """
   graphdef, state = nnx.split(model)
   model = nnx.merge(graphdef, state)
@@ -436,6 +437,11 @@ def _unstack_layers(model: Transformer, consume: bool = False) -> Transformer:
   else:
     per_layer = _split_stack(stacked, model.config.num_layers)
   model.layers = nnx.List([nnx.merge(layer_def, st) for st in per_layer])
+  if model.config.tie_embeddings and not model.embed_tokens.vocab_last:
+    transpose = _transpose_donated if consume else _transpose
+    with warnings.catch_warnings():
+      warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+      model.embed_tokens = Embed(transpose(model.embed_tokens.embedding[...]), vocab_last=True)
   return model
 
 
@@ -445,3 +451,5 @@ def _split_stack_impl(stacked: nnx.State, n: int) -> list[nnx.State]:
 
 _split_stack = jax.jit(_split_stack_impl, static_argnums=1)
 _split_stack_donated = jax.jit(_split_stack_impl, static_argnums=1, donate_argnums=0)
+_transpose = jax.jit(jnp.transpose)
+_transpose_donated = jax.jit(jnp.transpose, donate_argnums=0)
