@@ -54,17 +54,17 @@ def dense_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
   per (batch, kv head): plain batched matmuls, which XLA runs much faster than a dot with
   two free dimensions on each side.
   """
-  return dense_attention_bksh(q_BTNH, k_BSKH.transpose(0, 2, 1, 3),
-                              v_BSKH.transpose(0, 2, 1, 3), mask_BTS)
+  return dense_attention_cached(q_BTNH, k_BSKH.transpose(0, 2, 3, 1),
+                                v_BSKH.transpose(0, 2, 1, 3), mask_BTS)
 
 
-def dense_attention_bksh(q_BTNH, k_BKSH, v_BKSH, mask_BTS):
-  """`dense_attention` over keys and values laid out [B, K, S, H] (the KV cache's layout)."""
+def dense_attention_cached(q_BTNH, k_BKHS, v_BKSH, mask_BTS):
+  """`dense_attention` over a KV cache: keys laid out [B, K, H, S], values [B, K, S, H]."""
   b, t, n, h = q_BTNH.shape
-  kv, s = k_BKSH.shape[1], k_BKSH.shape[2]
+  kv, s = v_BKSH.shape[1], v_BKSH.shape[2]
   g = n // kv
   q_BKMH = q_BTNH.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, h)
-  s_BKMS = jnp.matmul(q_BKMH, k_BKSH.swapaxes(-1, -2), preferred_element_type=jnp.float32)
+  s_BKMS = jnp.matmul(q_BKMH, k_BKHS, preferred_element_type=jnp.float32)
   s_BKGTS = s_BKMS.reshape(b, kv, g, t, s) * (h ** -0.5)
   s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, jnp.finfo(jnp.float32).min)
   p_BKMS = jax.nn.softmax(s_BKGTS, axis=-1).astype(v_BKSH.dtype).reshape(b, kv, g * t, s)

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from jaxdistill import attention
-from jaxdistill.attention import attention_mask, dense_attention_bksh
+from jaxdistill.attention import attention_mask, dense_attention_cached
 from jaxdistill.kvcache import KVCache, write_rows
 from jaxdistill.model_config import ModelConfig
 from jaxdistill.sharding import param_spec, shard
@@ -122,23 +122,24 @@ class Attention(nnx.Module):
     self.o_proj = Dense("BTNH,NHD->BTD", (n, h, d), None, cfg, rngs=rngs)
     self.impl, self.block = cfg.attention, cfg.attention_block
 
-  def __call__(self, x_BTD, sin, cos, mask_BTS, k_BKSH=None, v_BKSH=None, end_index_B=None,
+  def __call__(self, x_BTD, sin, cos, mask_BTS, k_BKHS=None, v_BKSH=None, end_index_B=None,
                pos_seg=None):
-    """With a cache ([B, K, S, H] keys and values), attends through `mask_BTS` to it; without
+    """With a cache ([B, K, H, S] keys, [B, K, S, H] values: kvcache.py), attends through
+    `mask_BTS` to it; without
     one, `mask_BTS` is None and `pos_seg` = (positions, segment ids) of the sequence
     attending to itself."""
     q_BTNH = shard(apply_rope(self.q_proj(x_BTD), sin, cos), _BATCH_SEQ + ("heads", None))
     k_BTKH = apply_rope(self.k_proj(x_BTD), sin, cos)
     v_BTKH = self.v_proj(x_BTD)
-    if k_BKSH is not None:  # decode / prefill into the cache
-      k_BKSH = write_rows(k_BKSH, k_BTKH.swapaxes(1, 2), end_index_B, axis=1)
+    if k_BKHS is not None:  # decode / prefill into the cache
+      k_BKHS = write_rows(k_BKHS, k_BTKH.transpose(0, 2, 3, 1), end_index_B, axis=2)
       v_BKSH = write_rows(v_BKSH, v_BTKH.swapaxes(1, 2), end_index_B, axis=1)
-      out_BTNH = dense_attention_bksh(q_BTNH, k_BKSH.astype(x_BTD.dtype),
-                                      v_BKSH.astype(x_BTD.dtype), mask_BTS)
+      out_BTNH = dense_attention_cached(q_BTNH, k_BKHS.astype(x_BTD.dtype),
+                                        v_BKSH.astype(x_BTD.dtype), mask_BTS)
     else:
       out_BTNH = attention.self_attention(q_BTNH, k_BTKH, v_BTKH, *pos_seg, impl=self.impl,
                                           block=self.block)
-    return self.o_proj(out_BTNH), k_BKSH, v_BKSH
+    return self.o_proj(out_BTNH), k_BKHS, v_BKSH
 
 
 class MLP(nnx.Module):
@@ -162,13 +163,13 @@ class Block(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x_BTD, sin, cos, mask_BTS, k_BKSH=None, v_BKSH=None, end_index_B=None,
+  def __call__(self, x_BTD, sin, cos, mask_BTS, k_BKHS=None, v_BKSH=None, end_index_B=None,
                pos_seg=None):
-    attn, k_BKSH, v_BKSH = self.self_attn(self.input_layernorm(x_BTD), sin, cos, mask_BTS,
-                                          k_BKSH, v_BKSH, end_index_B, pos_seg)
+    attn, k_BKHS, v_BKSH = self.self_attn(self.input_layernorm(x_BTD), sin, cos, mask_BTS,
+                                          k_BKHS, v_BKSH, end_index_B, pos_seg)
     x_BTD = x_BTD + attn
     x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
-    return shard(x_BTD, _BATCH_SEQ + (None,)), k_BKSH, v_BKSH
+    return shard(x_BTD, _BATCH_SEQ + (None,)), k_BKHS, v_BKSH
 
 
 _REMAT = {

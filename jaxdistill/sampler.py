@@ -14,12 +14,14 @@ copied to its `num_samples` rows: the prompt's compute is shared, its cache memo
 `samples_at_once` splits a prompt's samples into groups decoded in turn, each prefilled
 again, so that the cache need not hold every sample of a prompt at once.
 
-Decode speed (tools/bench_decode.py) rests on four choices: the sampler holds the layer
+Decode speed (tools/bench_decode.py) rests on these choices: the sampler holds the layer
 weights one array per layer and the cache is one array per layer (a scan over [L, ...]
-stacks makes XLA:CPU copy each layer's slice every step); the cache is laid out [B, K, S, H],
-as attention's matrix products read it (a [B, S, K, H] cache was transposed whole every
-step); greedy and the top-k / top-p cuts avoid sorting the vocabulary (`sample_token`); and
-the decode state is donated, so the cache is updated in place.
+stacks makes XLA:CPU copy each layer's slice every step); the cache is laid out for
+attention's matrix products, keys [B, K, H, S] and values [B, K, S, H] (kvcache.py), and a
+tied embedding is held as [D, V] for the output head (`Embed`), each contracted axis leading,
+the layout XLA:CPU streams fastest into a few rows; greedy and the top-k / top-p cuts avoid
+sorting the vocabulary (`sample_token`); and the decode state is donated, so the cache is
+updated in place.
 """
 
 from __future__ import annotations

@@ -100,7 +100,9 @@ def main(argv):
       with torch.inference_mode():
         start = time.perf_counter()
         # The prompt less its last token: generate feeds that one, then N - 1 more.
-        prompt_cache = ref(ids[:, :-1], use_cache=True).past_key_values
+        prefilled = ref(ids[:, :-1], use_cache=True)
+        cache_arg = "cache" if "cache" in prefilled else "past_key_values"  # transformers 5
+        prompt_cache = prefilled[cache_arg]
         sync()
         t_prefill = time.perf_counter() - start
 
@@ -109,8 +111,8 @@ def main(argv):
         sync()
         start = time.perf_counter()
         with torch.inference_mode():
-          ref.generate(ids, past_key_values=cache, max_new_tokens=n, min_new_tokens=n,
-                       do_sample=False, pad_token_id=0)
+          ref.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                       **{cache_arg: cache})
         sync()
         return time.perf_counter() - start, t_prefill
 
