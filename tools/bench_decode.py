@@ -9,7 +9,8 @@ cache of the prompt made beforehand (a fresh copy each call), so both time N one
 per row and nothing else. decode tokens/s = batch x N / median seconds. Prints both
 frameworks' decode tokens/s, their ratio, and the share of the memory-bandwidth bound:
 batch x read bandwidth / (bytes of weights + KV cache read per step), with the read
-bandwidth measured in the same run (a large array reduction). Prefill time is printed too.
+bandwidth (a large array reduction) measured just before each timed run, so that each run
+is held to the bandwidth of its own moment. Prefill time is printed too.
 """
 
 import copy
@@ -43,26 +44,43 @@ flags.DEFINE_bool("vs_hf", True, "Also time transformers generate.")
 
 
 
-def _read_bandwidth() -> float:
-  """Bytes/s of a large reduction: what streaming weights from memory can reach here. The
-  array, 4 GiB, is larger than any CPU's last-level cache (a 256 MiB one partly fits in a
-  large server L3 and read 39-66 GB/s from run to run here) and makes one call's launch cost
-  noise on an accelerator."""
-  n = 2**30
-  x = jnp.ones((n,), jnp.float32)
-  f = jax.jit(jnp.sum)
-  seconds = benchlib.median_time(lambda: f(x).block_until_ready(), 5)
-  return x.nbytes / seconds
+class _BandwidthProbe:
+  """Read bandwidth: bytes/s of a reduction over a 4 GiB array, larger than any CPU's
+  last-level cache (a 256 MiB one partly fits in a large server L3) and long enough that a
+  call's launch cost is noise on an accelerator. The array is kept, so the probe can run
+  next to each timed decode: on a shared machine bandwidth drifts by 10% or more within
+  minutes, and a share of the bound is only as good as a reading taken under the same
+  conditions."""
+
+  def __init__(self):
+    self.x = jnp.ones((2**30,), jnp.float32)
+    self.sum = jax.jit(jnp.sum)
+    self.sum(self.x).block_until_ready()
+    self.readings: list[float] = []
+
+  def __call__(self) -> float:
+    gbs = self.x.nbytes / benchlib.median_time(lambda: self.sum(self.x).block_until_ready(),
+                                              3, warmup=0)
+    self.readings.append(gbs)
+    return gbs
 
 
-def _decode_rate(generate, batch: int) -> tuple[float, float]:
-  """(decode tokens/s, prefill seconds): `generate(n)` makes n new tokens per row and returns
-  (decode seconds, prefill seconds)."""
+def _decode_rate(generate, batch: int, probe: _BandwidthProbe, bytes_per_step: float
+                 ) -> tuple[float, float, float]:
+  """(decode tokens/s, share of the bandwidth bound, prefill seconds). `generate(n)` makes n
+  new tokens per row and returns (decode seconds, prefill seconds). Each timed run reads the
+  bandwidth just before it; the share is the median over runs of the run's step rate over
+  the step rate its reading allows (bandwidth / bytes read per step)."""
   n = FLAGS.new_tokens
   generate(n)  # compiles
-  runs = [generate(n) for _ in range(FLAGS.repeats)]
+  runs, shares = [], []
+  for _ in range(FLAGS.repeats):
+    bandwidth = probe()
+    decode, prefill = generate(n)
+    runs.append((decode, prefill))
+    shares.append((n / max(decode, 1e-9)) / (bandwidth / bytes_per_step))
   return (batch * n / max(float(np.median([d for d, _ in runs])), 1e-9),
-          float(np.median([p for _, p in runs])))
+          float(np.median(shares)), float(np.median([p for _, p in runs])))
 
 
 def main(argv):
@@ -72,12 +90,12 @@ def main(argv):
   device = "cuda" if torch.cuda.is_available() else "cpu"
   ref, model = benchlib.twin_models(cfg, FLAGS.dtype, device)
   sampler = Sampler.from_model(model)
-  bandwidth = _read_bandwidth()
+  probe = _BandwidthProbe()
   itemsize = 2 if FLAGS.dtype == "bfloat16" else 4
   weight_bytes = cfg.num_params() * itemsize
   print(f"model: {FLAGS.preset} ({cfg.num_params() / 1e6:.1f}M params, {FLAGS.dtype}), prompt "
         f"{FLAGS.prompt_len}, {FLAGS.new_tokens} new tokens; {jax.devices()[0].device_kind}; "
-        f"read bandwidth {bandwidth / 1e9:.1f} GB/s")
+        f"read bandwidth {probe() / 1e9:.1f} GB/s")
   for b in [int(x) for x in FLAGS.batch]:
     prompts = np.random.RandomState(b).randint(3, cfg.vocab_size, (b, FLAGS.prompt_len)).tolist()
 
@@ -88,12 +106,13 @@ def main(argv):
                        decode_chunk=n)
       return timings["decode"], timings["prefill"]
 
-    ours_tps, prefill = _decode_rate(ours, b)
     cache_len = FLAGS.prompt_len + FLAGS.new_tokens / 2  # on average over the decode
     kv_bytes = (2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize) * cache_len
-    bound_tps = b * bandwidth / (weight_bytes + b * kv_bytes)
-    line = (f"batch {b}: jaxdistill {ours_tps:9.1f} tok/s ({ours_tps / bound_tps:.2f} of the "
-            f"bound {bound_tps:,.0f}; prefill {prefill:.2f}s)")
+    step_bytes = weight_bytes + b * kv_bytes
+    first = len(probe.readings)
+    ours_tps, ours_share, prefill = _decode_rate(ours, b, probe, step_bytes)
+    line = (f"batch {b}: jaxdistill {ours_tps:9.1f} tok/s ({ours_share:.2f} of the bound; "
+            f"prefill {prefill:.2f}s)")
     if FLAGS.vs_hf:
       ids = torch.tensor(prompts, device=device)
       sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -116,9 +135,12 @@ def main(argv):
         sync()
         return time.perf_counter() - start, t_prefill
 
-      theirs_tps, t_prefill = _decode_rate(theirs, b)
-      line += (f" | transformers {theirs_tps:9.1f} tok/s ({theirs_tps / bound_tps:.2f}; "
+      theirs_tps, theirs_share, t_prefill = _decode_rate(theirs, b, probe, step_bytes)
+      line += (f" | transformers {theirs_tps:9.1f} tok/s ({theirs_share:.2f}; "
                f"prefill {t_prefill:.2f}s) | ratio {ours_tps / theirs_tps:.2f}x")
+    seen = probe.readings[first:]
+    line += (f" | bandwidth {min(seen) / 1e9:.1f}-{max(seen) / 1e9:.1f} GB/s, bound at the "
+             f"median {b * float(np.median(seen)) / step_bytes:,.0f} tok/s")
     print(line, flush=True)
 
 
