@@ -125,9 +125,8 @@ class Attention(nnx.Module):
   def __call__(self, x_BTD, sin, cos, mask_BTS, k_BKHS=None, v_BKSH=None, end_index_B=None,
                pos_seg=None):
     """With a cache ([B, K, H, S] keys, [B, K, S, H] values: kvcache.py), attends through
-    `mask_BTS` to it; without
-    one, `mask_BTS` is None and `pos_seg` = (positions, segment ids) of the sequence
-    attending to itself."""
+    `mask_BTS` to it; without one, `mask_BTS` is None and `pos_seg` = (positions, segment
+    ids) of the sequence attending to itself."""
     q_BTNH = shard(apply_rope(self.q_proj(x_BTD), sin, cos), _BATCH_SEQ + ("heads", None))
     k_BTKH = apply_rope(self.k_proj(x_BTD), sin, cos)
     v_BTKH = self.v_proj(x_BTD)

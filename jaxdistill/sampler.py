@@ -439,7 +439,7 @@ def _unstack_layers(model: Transformer, consume: bool = False) -> Transformer:
   else:
     per_layer = _split_stack(stacked, model.config.num_layers)
   model.layers = nnx.List([nnx.merge(layer_def, st) for st in per_layer])
-  if model.config.tie_embeddings and not model.embed_tokens.vocab_last:
+  if model.config.tie_embeddings:
     transpose = _transpose_donated if consume else _transpose
     with warnings.catch_warnings():
       warnings.filterwarnings("ignore", "Some donated buffers were not usable")
