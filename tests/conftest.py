@@ -1,12 +1,26 @@
-"""Test setup: 8 simulated CPU devices (so meshes are real), fp32 matmuls, tiny HF models."""
+"""Test setup: 8 simulated CPU devices (so meshes are real), fp32 matmuls, tiny HF models.
 
+One persistent XLA compilation cache serves the whole session, subprocesses included (they
+inherit the environment): many tests compile the same tiny train step, and a compile costs
+more than the steps they run. It starts empty each session and is removed at the end.
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="jaxdistill-tests-xla-")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -24,3 +38,21 @@ def tiny_llama_dir(tmp_path_factory):
 def tiny_qwen2_dir(tmp_path_factory):
   from tests import hf_fixtures
   return hf_fixtures.save_tiny_model(tmp_path_factory.mktemp("qwen2"), "qwen2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+  """SmolLM2-135M-Instruct, fp32 Hugging Face directory (see tests/real_model.py)."""
+  from tests import real_model
+  return real_model.smollm2_dir()
+
+
+# The longest files first: run in two workers (`-n 2 --dist loadfile`, pyproject.toml), the
+# suite then ends on short files instead of one worker finishing the demo alone.
+_SLOW_FIRST = ("test_demo.py", "test_launch.py", "test_attention.py", "test_real_model.py",
+               "test_main.py", "test_train.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(_SLOW_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

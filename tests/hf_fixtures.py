@@ -26,13 +26,24 @@ def tiny_hf_config(kind: str, **overrides):
 
 
 def tiny_hf_model(kind: str, seed: int = 0, dtype=torch.float32, **overrides):
+  """A random model whose greedy continuations vary from token to token.
+
+  At Hugging Face's init (std 0.02 everywhere) the layers barely move the residual stream,
+  so the last token's embedding dominates the output: the tied Qwen2 model then repeats its
+  input token (53% of its vocabulary predicts itself), and any decode path that ignored
+  the KV cache after the first step would still pass. The layers' matrices are drawn 10x
+  larger (std 0.2), which makes them dominate: greedy outputs of 12 tokens hold 10-12
+  distinct ids.
+  """
   torch.manual_seed(seed)
   cfg = tiny_hf_config(kind, **overrides)
   model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-  with torch.no_grad():  # HF zero-initialises biases; make them non-trivial
+  with torch.no_grad():
     for name, p in model.named_parameters():
-      if name.endswith("bias") or "norm" in name:
+      if name.endswith("bias") or "norm" in name:  # HF zero-initialises biases
         p.add_(0.1 * torch.randn_like(p))
+      elif name.startswith("model.layers."):
+        p.mul_(10.0)
   return model.to(dtype).eval()
 
 

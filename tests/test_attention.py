@@ -144,12 +144,14 @@ def _loss_and_grads(cfg, mesh_shape, batch):
   return float(value), {k: np.asarray(v) for k, v in nnx.to_flat_state(grads)}
 
 
-@pytest.mark.parametrize("packed", [True, False])
-def test_context_parallel_training_equals_one_device(packed):
-  batch = _batch(64, packed)
+def test_context_parallel_training_equals_one_device():
+  # The batch's rows: two packed with three segments and padding, one unpacked (a single
+  # segment filling the row), one of two segments.
+  batch = _batch(64, packed=True)
   want_loss, want = _loss_and_grads(CFG.replace(attention="dense"), (1, 1, 1, 1), batch)
+  # Context 2 (with data and tp) and 4 (alone, and with fsdp under remat).
   cases = [(CFG.replace(attention="blockwise", attention_block=16), (1, 1, 1, 1)),
-           (CFG, (1, 1, 2, 1)), (CFG, (1, 1, 4, 1)), (CFG, (2, 1, 2, 2)),
+           (CFG, (1, 1, 4, 1)), (CFG, (2, 1, 2, 2)),
            (CFG.replace(attention_block=16, remat="full"), (1, 2, 4, 1))]
   for cfg, mesh_shape in cases:
     got_loss, got = _loss_and_grads(cfg, mesh_shape, batch)
@@ -165,11 +167,13 @@ def test_context_parallel_rejects_indivisible_sequence():
     _loss_and_grads(CFG, (1, 1, 8, 1), batch)
 
 
-def test_remat_policies_give_the_same_gradients():
+def test_remat_policies_give_the_same_values_and_gradients():
   batch = _batch(32, packed=True)
-  _, want = _loss_and_grads(CFG, (1, 1, 1, 1), batch)
-  for remat in ("full", "save_dots_no_batch", "offload_dots"):
-    _, got = _loss_and_grads(CFG.replace(remat=remat), (1, 1, 1, 1), batch)
+  want_loss, want = _loss_and_grads(CFG, (1, 1, 1, 1), batch)
+  for remat in ("full", "save_dots", "save_dots_no_batch", "offload_dots"):
+    got_loss, got = _loss_and_grads(CFG.replace(remat=remat), (1, 1, 1, 1), batch)
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6, err_msg=remat)
+    assert sorted(got) == sorted(want)
     for name in want:
       np.testing.assert_allclose(got[name], want[name], atol=1e-6, err_msg=f"{name} {remat}")
 
@@ -180,7 +184,9 @@ def test_32k_token_packed_row_trains_in_bounded_memory():
   import optax  # pylint: disable=g-import-not-at-top
   from jaxdistill import train  # pylint: disable=g-import-not-at-top
   t = 32768
-  cfg = CFG.replace(remat="full")  # attention "auto" is blockwise on CPU at this length
+  # Attention "auto" is blockwise on CPU at this length; 256-token blocks step in 10.6 s here
+  # against 17 s at 512 and 13 s at 128 (2-core AMD EPYC).
+  cfg = CFG.replace(remat="full", attention_block=256)
   assert attention.resolve(cfg.attention, t) == "blockwise"
   model = model_lib.create_model(cfg, seed=0)
   graphdef, params = nnx.split(model, nnx.Param)
@@ -200,7 +206,7 @@ def test_32k_token_packed_row_trains_in_bounded_memory():
   temp = compiled.memory_analysis().temp_size_in_bytes
   assert temp < 2**30, f"{temp / 2**20:.0f} MiB of temporaries"
   curve = []
-  for _ in range(3):
+  for _ in range(2):
     state, metrics = compiled(state, batch)
     curve.append(float(metrics["loss"]))
   assert np.all(np.isfinite(curve)) and curve[-1] < curve[0], curve

@@ -1,10 +1,26 @@
 """Launch scripts: local multi-process training with save/restore, and the exact pod/cluster commands."""
 
+import json
 import os
 import subprocess
 import sys
 
+import numpy as np
+
+from jaxdistill import checkpoint
+from tests.trees import assert_trees_close
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _losses(workdir):
+  with open(workdir / "metrics.jsonl") as f:
+    return [row["loss"] for row in map(json.loads, f) if "loss" in row]
+
+
+def _params(workdir, step):
+  model = checkpoint.load_model(str(workdir / "checkpoints" / str(step)))
+  return checkpoint.nnx.to_pure_dict(checkpoint.nnx.state(model))
 
 
 def _sh(*args, timeout=300):
@@ -13,24 +29,39 @@ def _sh(*args, timeout=300):
                         timeout=timeout)
 
 
-def test_local_two_processes_train_checkpoint_and_resume(tmp_path):
-  common = ["--config=configs/tiny.py", f"--workdir={tmp_path}",
-            "--config.train.checkpoint_every=2", "--config.train.log_every=1"]
-  r = _sh("launch/local.sh", "-n", "2", "--cpu_devices", "1", "--",
-          *common, "--config.train.num_steps=4")
-  assert r.returncode == 0, r.stderr[-3000:]
-  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
-  r = _sh("launch/local.sh", "-n", "2", "--cpu_devices", "1", "--",
-          *common, "--config.train.num_steps=6")
-  assert r.returncode == 0, r.stderr[-3000:]
-  assert "resumed from" in r.stderr and "(step 4 of 6)" in r.stderr
-  assert "6" in os.listdir(tmp_path / "checkpoints")
-  # One process cannot take over two processes' places in the data stream: a clear error.
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+def _main(workdir, *args, devices):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_PLATFORMS="cpu")
-  r = subprocess.run([sys.executable, "-m", "jaxdistill.main", *common,
-                      "--config.train.num_steps=8"], cwd=ROOT, env=env, capture_output=True,
-                     text=True, timeout=300)
+  return subprocess.run([sys.executable, "-m", "jaxdistill.main", f"--workdir={workdir}",
+                         *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_two_processes_match_one_process_with_four_devices_and_resume(tmp_path):
+  """Two processes of two devices each, started by launch/local.sh, against one process of
+  four devices: the same losses, the same parameters after the last step (written by both
+  processes together); then a resume, and a refused change of process count. With the k_proj
+  bias gradient dropped in multi-process runs the losses agree and the parameters do not."""
+  args = ["--config=configs/tiny.py", "--config.train.num_steps=6",
+          "--config.train.log_every=1", "--config.train.checkpoint_every=3",
+          "--config.data.packing=pad"]
+  single, multi = tmp_path / "single", tmp_path / "multi"
+  r = _main(single, *args, devices=4)
+  assert r.returncode == 0, r.stderr[-3000:]
+  r = _sh("launch/local.sh", "-n", "2", "--cpu_devices", "2", "--", *args, f"--workdir={multi}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  one, two = _losses(single), _losses(multi)
+  assert len(one) == len(two) == 6
+  np.testing.assert_allclose(two, one, rtol=1e-5)
+  assert sorted(os.listdir(multi / "checkpoints")) == ["3", "6"]
+  assert_trees_close(_params(multi, 6), _params(single, 6), atol=1e-6)
+  # Run again for longer: both processes resume at step 6.
+  more = [a.replace("num_steps=6", "num_steps=8") for a in args]
+  r = _sh("launch/local.sh", "-n", "2", "--cpu_devices", "2", "--", *more, f"--workdir={multi}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "resumed from" in r.stderr and "(step 6 of 8)" in r.stderr
+  assert "8" in os.listdir(multi / "checkpoints")
+  # One process cannot take over two processes' places in the data stream: a clear error.
+  r = _main(multi, *[a.replace("num_steps=6", "num_steps=10") for a in args], devices=4)
   assert r.returncode != 0 and "holds the data position of 2 processes" in r.stderr
 
 

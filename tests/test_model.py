@@ -6,11 +6,17 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from jaxdistill import hf, model as model_lib
 from jaxdistill.kvcache import KVCache
 from jaxdistill.model_config import ModelConfig
 from tests import hf_fixtures
+
+
+# bf16 compute against transformers' bf16 compute on the tiny Qwen2 model (logits up to
+# 0.72): measured 0.044 at most; the same model without RoPE is 0.98 off.
+BF16_ATOL = 0.1
 
 
 def _tokens(shape, seed=0, vocab=320):
@@ -45,7 +51,9 @@ def test_llama3_rope_scaling_is_applied(tiny_llama_dir):
   assert np.isclose(plain[0], scaled[0])  # the highest frequency is untouched
 
 
-def test_bf16_checkpoint_imports_and_matches(tmp_path):
+def test_bf16_checkpoint_imports_and_matches(tmp_path, monkeypatch):
+  """bf16 weights arrive bit for bit; bf16 compute is within BF16_ATOL of transformers' bf16
+  logits, a tolerance that a model without RoPE exceeds (checked here, each run)."""
   ref = hf_fixtures.tiny_hf_model("qwen2", dtype=torch.bfloat16)
   ref.save_pretrained(tmp_path)
   model = hf.load_hf_model(str(tmp_path), param_dtype="bfloat16", compute_dtype="bfloat16")
@@ -59,11 +67,17 @@ def test_bf16_checkpoint_imports_and_matches(tmp_path):
   got, _ = model(jnp.asarray(tokens))
   assert got.dtype == jnp.bfloat16
   want = _hf_logits(ref, tokens)
-  scale = np.abs(want).max()
-  np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.01 * scale, rtol=0)
-  # and fp32 compute on the same bf16 weights is much closer to the fp32 reference
+  error = np.abs(np.asarray(got, np.float32) - want).max()
+  assert error <= BF16_ATOL, error
+  with monkeypatch.context() as m:  # the same model with RoPE removed
+    m.setattr(model_lib, "apply_rope", lambda x, sin, cos: x)
+    no_rope, _ = model(jnp.asarray(tokens))
+  no_rope_error = np.abs(np.asarray(no_rope, np.float32) - want).max()
+  assert no_rope_error > 2 * BF16_ATOL, no_rope_error
+  # and fp32 compute on the same bf16 weights is much closer to the fp32 reference (loaded
+  # afresh: `ref.float()` would keep the RoPE frequencies its bf16 cast rounded)
   model32 = hf.load_hf_model(str(tmp_path))
-  ref32 = ref.float()
+  ref32 = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
   got32, _ = model32(jnp.asarray(tokens))
   np.testing.assert_allclose(np.asarray(got32), _hf_logits(ref32, tokens), atol=1e-4, rtol=0)
 
@@ -109,26 +123,6 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(layers, tiny_llama_dir
                         jnp.asarray(seg[:, t:t + 1]), cache)
     np.testing.assert_allclose(np.asarray(step[:, 0]), np.asarray(full[:, t]), atol=1e-5)
   np.testing.assert_array_equal(np.asarray(cache.end_index), [20, 20])
-
-
-@pytest.mark.parametrize("remat", ["full", "save_dots"])
-def test_remat_policies_keep_values_and_gradients(remat):
-  cfg = ModelConfig(num_layers=3)
-  from flax import nnx
-  model = model_lib.create_model(cfg, seed=1)
-  graphdef, state = nnx.split(model)
-  remat_graphdef, _ = nnx.split(model_lib.create_model(cfg.replace(remat=remat), seed=1))
-  tokens = jnp.asarray(_tokens((2, 16), vocab=cfg.vocab_size))
-
-  def loss(state, gd):
-    logits, _ = nnx.merge(gd, state)(tokens)
-    return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
-
-  v0, g0 = jax.value_and_grad(loss)(state, graphdef)
-  v1, g1 = jax.value_and_grad(loss)(state, remat_graphdef)
-  np.testing.assert_allclose(v0, v1, rtol=1e-6)
-  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
-    np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_hidden_and_unembed_compose_to_logits(tiny_qwen2_dir):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import pytest
 from jaxdistill import losses, model as model_lib, sharding, train
 from jaxdistill.model_config import ModelConfig
 from jaxdistill.optimizer import OptimConfig
+from tests.trees import assert_trees_close
 
 CFG = ModelConfig(model_type="qwen2", vocab_size=128, d_model=32, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8, mlp_dim=64, qkv_bias=True, tie_embeddings=True)
@@ -103,32 +105,48 @@ def test_chunked_loss_temporary_memory_is_under_a_third_of_naive():
   assert mem_c <= 0.3 * mem_n, (mem_c, mem_n)
 
 
+@pytest.fixture(scope="module")
+def single_device_run(tmp_path_factory):
+  return _train(tmp_path_factory.mktemp("single"), (1, 1, 1, 1), steps=4)
+
+
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1, 1), (2, 4, 1, 1), (2, 2, 1, 2)])
-def test_sharded_training_matches_single_device(mesh_shape, tmp_path):
-  _, single = _train(tmp_path / "single", (1, 1, 1, 1), steps=4)
-  _, sharded = _train(tmp_path / "sharded", mesh_shape, steps=4)
+def test_sharded_training_matches_single_device(mesh_shape, single_device_run, tmp_path):
+  """Losses, and the parameters after the last step (which no loss has seen yet). With the
+  k_proj bias gradient dropped on sharded meshes the losses still agree to 2e-5; the
+  parameters do not."""
+  one, single = single_device_run
+  many, sharded = _train(tmp_path / "sharded", mesh_shape, steps=4)
   assert len(single) == 4 and single[-1] < single[0]
   np.testing.assert_allclose(sharded, single, rtol=2e-5)
+  assert_trees_close(many.params, one.params, atol=2e-5)
 
 
-@pytest.mark.parametrize("micro", [2, 4])
-def test_gradient_accumulation_equals_one_big_batch(micro, tmp_path):
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
   big, curve_big = _train(tmp_path / "big", (2, 1, 1, 1), steps=3)
-  acc, curve_acc = _train(tmp_path / "acc", (2, 1, 1, 1), steps=3, micro=micro)
-  np.testing.assert_allclose(curve_acc, curve_big, rtol=2e-5)
-  # Adam divides by sqrt(v): float rounding in near-zero gradients shows up at ~1e-6 of
-  # parameters whose updates are ~1e-2.
-  for a, b in zip(jax.tree.leaves(acc.params), jax.tree.leaves(big.params)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  for micro in (2, 4):
+    acc, curve_acc = _train(tmp_path / f"acc{micro}", (2, 1, 1, 1), steps=3, micro=micro)
+    np.testing.assert_allclose(curve_acc, curve_big, rtol=2e-5, err_msg=f"micro={micro}")
+    # Adam divides by sqrt(v): float rounding in near-zero gradients shows up at ~1e-6 of
+    # parameters whose updates are ~1e-2.
+    assert_trees_close(acc.params, big.params, atol=1e-5)
 
 
-def test_resume_equals_uninterrupted(tmp_path):
-  full, _ = _train(tmp_path / "full", (2, 2, 1, 1), steps=6, ckpt_every=2)
-  # Stopped after step 4 of a 6-step schedule, then started again.
-  _train(tmp_path / "resumed", (2, 2, 1, 1), steps=4, ckpt_every=2, schedule_steps=6)
+@pytest.fixture(scope="module")
+def six_steps(tmp_path_factory):
+  """An uninterrupted 6-step run on mesh (2, 2, 1, 1), and a workdir of the same run stopped
+  after step 4 (checkpoints at 2 and 4), for the resume tests to copy."""
+  root = tmp_path_factory.mktemp("six")
+  full, _ = _train(root / "full", (2, 2, 1, 1), steps=6, ckpt_every=2)
+  _train(root / "stopped", (2, 2, 1, 1), steps=4, ckpt_every=2, schedule_steps=6)
+  return full, root / "stopped"
+
+
+def test_resume_equals_uninterrupted(six_steps, tmp_path):
+  full, stopped = six_steps
+  shutil.copytree(stopped, tmp_path / "resumed")
   resumed, _ = _train(tmp_path / "resumed", (2, 2, 1, 1), steps=6, ckpt_every=2)
-  for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(full.params)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert_trees_close(resumed.params, full.params)
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -138,26 +156,24 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
   assert steps == [2]
 
 
-def test_unreadable_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
-  full, _ = _train(tmp_path / "full", (1, 1, 1, 1), steps=6, ckpt_every=2)
+def test_unreadable_latest_checkpoint_falls_back_to_the_previous(six_steps, tmp_path, caplog):
+  full, stopped = six_steps
   workdir = tmp_path / "broken"
-  _train(workdir, (1, 1, 1, 1), steps=4, ckpt_every=2, schedule_steps=6)
+  shutil.copytree(stopped, workdir)
   for f in (workdir / "checkpoints" / "4" / "params").rglob("*"):
     if f.is_file() and f.stat().st_size > 0:
       f.write_bytes(b"\0" * 16)  # a torn write
   with caplog.at_level("WARNING"):
-    resumed, _ = _train(workdir, (1, 1, 1, 1), steps=6, ckpt_every=2)
+    resumed, _ = _train(workdir, (2, 2, 1, 1), steps=6, ckpt_every=2)
   assert "checkpoint step 4" in caplog.text and "unreadable" in caplog.text
-  for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(full.params)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert_trees_close(resumed.params, full.params)
 
 
-def test_resume_onto_a_different_mesh(tmp_path):
-  full, curve_full = _train(tmp_path / "full", (2, 2, 1, 1), steps=6, ckpt_every=2)
+def test_resume_onto_a_different_mesh(six_steps, tmp_path):
+  full, stopped = six_steps
   workdir = tmp_path / "moved"
-  _train(workdir, (2, 2, 1, 1), steps=4, ckpt_every=2, schedule_steps=6)
+  shutil.copytree(stopped, workdir)
   moved, _ = _train(workdir, (1, 2, 1, 2), steps=6, ckpt_every=2)
   spec = moved.params["layers"]["mlp"]["up_proj"]["kernel"].sharding.spec
   assert spec == jax.sharding.PartitionSpec(None, ("fsdp", "context"), "tp")
-  for a, b in zip(jax.tree.leaves(moved.params), jax.tree.leaves(full.params)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  assert_trees_close(moved.params, full.params, atol=1e-5)

@@ -65,7 +65,8 @@ def student_config(c, vocab_size: int) -> ModelConfig:
       num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, head_dim=m.d_model // m.num_heads,
       mlp_dim=m.mlp_dim, rms_eps=1e-6, max_position_embeddings=m.max_position_embeddings,
       qkv_bias=True, tie_embeddings=True, compute_dtype=c.model.compute_dtype,
-      param_dtype=c.model.param_dtype)
+      param_dtype=c.model.param_dtype, attention=c.model.attention,
+      attention_block=c.model.attention_block, remat=c.model.remat)
 
 
 # -- Phases ------------------------------------------------------------------------------------
