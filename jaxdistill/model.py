@@ -340,15 +340,20 @@ def state_shardings(abstract_state: nnx.State, mesh) -> nnx.State:
       abstract_state)
 
 
-def create_model(cfg: ModelConfig, mesh=None, seed: int = 0) -> Transformer:
-  """A randomly initialised model from one jitted init. With a mesh each parameter is created
-  already sharded (`out_shardings`), never whole on one device; the values do not depend on
-  the mesh."""
+def jitted_init(cfg: ModelConfig, mesh=None, seed: int = 0):
+  """(graphdef, init): `init()` returns the model's state from one jitted computation. With
+  a mesh each parameter is created already sharded (`out_shardings`), never whole on one
+  device; the values do not depend on the mesh."""
   graphdef, abstract_state = nnx.split(abstract_model(cfg))
   shardings = None if mesh is None else state_shardings(abstract_state, mesh)
 
   def init():
     return nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed)))
 
-  state = jax.jit(init, out_shardings=shardings)()
-  return nnx.merge(graphdef, state)
+  return graphdef, jax.jit(init, out_shardings=shardings)
+
+
+def create_model(cfg: ModelConfig, mesh=None, seed: int = 0) -> Transformer:
+  """A randomly initialised model (see `jitted_init`)."""
+  graphdef, init = jitted_init(cfg, mesh, seed)
+  return nnx.merge(graphdef, init())

@@ -13,6 +13,14 @@ from tests import hf_fixtures
 GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=12)
 
 
+def _assert_varied(results):
+  """Every greedy sample holds several distinct tokens: comparing such outputs tests the KV
+  cache (a model that repeats one token would match whatever the cache held)."""
+  for samples in results:
+    for s in samples:
+      assert len(set(s.tokens.tolist())) > 3, s.tokens
+
+
 def _prompts(lengths, seed=0):
   rng = np.random.RandomState(seed)
   return [rng.randint(3, 320, n).tolist() for n in lengths]
@@ -41,6 +49,7 @@ def test_padding_invariance(tiny_qwen2_dir):
   prompts = _prompts([5, 40, 13, 2], seed=1)
   alone = sampler.generate([prompts[2]], GREEDY)[0][0].tokens
   batched = sampler.generate(prompts, GREEDY)
+  _assert_varied(batched)
   np.testing.assert_array_equal(batched[2][0].tokens, alone)
   in_small_batches = sampler.generate(prompts, GREEDY, batch_size=2)
   for a, b in zip(batched, in_small_batches):
@@ -51,6 +60,7 @@ def test_stop_tokens_end_rows_independently(tiny_llama_dir):
   sampler = Sampler.from_model(hf.load_hf_model(tiny_llama_dir))
   prompts = _prompts([6, 9], seed=2)
   free = sampler.generate(prompts, GREEDY)
+  _assert_varied(free)
   stop = int(free[0][0].tokens[3])
   got = sampler.generate(prompts, SamplingConfig(temperature=0.0, max_new_tokens=12,
                                                  stop_ids=(stop,)))
@@ -171,6 +181,7 @@ def test_sharded_sampling_equals_unsharded(mesh_shape, tiny_qwen2_dir):
   from jaxdistill import sharding
   prompts = _prompts([5, 17, 9], seed=5)  # 3 prompts: padded to the data-parallel size
   want = Sampler.from_model(hf.load_hf_model(tiny_qwen2_dir)).generate(prompts, GREEDY)
+  _assert_varied(want)
   mesh = sharding.make_mesh(mesh_shape)
   sampler = Sampler.from_model(hf.load_hf_model(tiny_qwen2_dir, mesh), mesh)
   got = sampler.generate(prompts, GREEDY)
