@@ -45,14 +45,3 @@ def smollm2_dir():
   """SmolLM2-135M-Instruct, fp32 Hugging Face directory (see tests/real_model.py)."""
   from tests import real_model
   return real_model.smollm2_dir()
-
-
-# The longest files first: run in two workers (`-n 2 --dist loadfile`, pyproject.toml), the
-# suite then ends on short files instead of one worker finishing the demo alone.
-_SLOW_FIRST = ("test_demo.py", "test_launch.py", "test_attention.py", "test_real_model.py",
-               "test_main.py", "test_train.py")
-
-
-def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(_SLOW_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

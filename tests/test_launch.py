@@ -7,8 +7,7 @@ import sys
 
 import numpy as np
 
-from jaxdistill import checkpoint
-from tests.trees import assert_trees_close
+from tests.trees import assert_trees_close, checkpoint_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,11 +15,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _losses(workdir):
   with open(workdir / "metrics.jsonl") as f:
     return [row["loss"] for row in map(json.loads, f) if "loss" in row]
-
-
-def _params(workdir, step):
-  model = checkpoint.load_model(str(workdir / "checkpoints" / str(step)))
-  return checkpoint.nnx.to_pure_dict(checkpoint.nnx.state(model))
 
 
 def _sh(*args, timeout=300):
@@ -53,7 +47,7 @@ def test_two_processes_match_one_process_with_four_devices_and_resume(tmp_path):
   assert len(one) == len(two) == 6
   np.testing.assert_allclose(two, one, rtol=1e-5)
   assert sorted(os.listdir(multi / "checkpoints")) == ["3", "6"]
-  assert_trees_close(_params(multi, 6), _params(single, 6), atol=1e-6)
+  assert_trees_close(checkpoint_params(multi, 6), checkpoint_params(single, 6), atol=1e-6)
   # Run again for longer: both processes resume at step 6.
   more = [a.replace("num_steps=6", "num_steps=8") for a in args]
   r = _sh("launch/local.sh", "-n", "2", "--cpu_devices", "2", "--", *more, f"--workdir={multi}")

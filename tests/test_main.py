@@ -10,13 +10,12 @@ import sys
 import time
 
 import jax
-import numpy as np
 import pytest
 from ml_collections import config_flags
 
-from jaxdistill import checkpoint, optimizer as optimizer_lib, run, sharding, train
+from jaxdistill import optimizer as optimizer_lib, run, sharding, train
 from jaxdistill.model_config import get_preset
-from tests.trees import assert_trees_close
+from tests.trees import assert_trees_close, checkpoint_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT = ["--config.train.num_steps=40", "--config.train.checkpoint_every=10",
@@ -43,11 +42,6 @@ def _run(workdir, *overrides, devices=1, timeout=300):
 def _losses(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f if "loss" in json.loads(line)]
-
-
-def _params(workdir, step):
-  model = checkpoint.load_model(os.path.join(workdir, "checkpoints", str(step)))
-  return checkpoint.nnx.to_pure_dict(checkpoint.nnx.state(model))
 
 
 def _wait_for_checkpoint(workdir, step, proc, timeout=240):
@@ -98,7 +92,7 @@ def test_kill_9_then_rerun_equals_uninterrupted(uninterrupted, tmp_path):
   assert not os.path.isdir(os.path.join(workdir, "checkpoints", "40"))
   r = _run(workdir, *SHORT)
   assert "resumed from" in r.stderr
-  assert_trees_close(_params(workdir, 40), _params(full_dir, 40))
+  assert_trees_close(checkpoint_params(workdir, 40), checkpoint_params(full_dir, 40))
 
 
 def test_sigterm_checkpoints_and_exits_zero(tmp_path):

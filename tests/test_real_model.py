@@ -13,7 +13,6 @@ import sys
 
 import jax.numpy as jnp
 import numpy as np
-import pytest
 import torch
 import transformers
 

@@ -1,5 +1,7 @@
 """Comparing parameter trees leaf by leaf, by key path: never a silent `zip` of leaves."""
 
+import os
+
 import jax
 import numpy as np
 
@@ -9,6 +11,13 @@ def flat(tree) -> dict[str, np.ndarray]:
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
   return {jax.tree_util.keystr(path, simple=True, separator="/"): np.asarray(x)
           for path, x in leaves}
+
+
+def checkpoint_params(workdir, step: int) -> dict:
+  """The parameters a run saved at `step`, as a nested dict (restored on one device)."""
+  from jaxdistill import checkpoint  # pylint: disable=g-import-not-at-top
+  model = checkpoint.load_model(os.path.join(workdir, "checkpoints", str(step)))
+  return checkpoint.nnx.to_pure_dict(checkpoint.nnx.state(model))
 
 
 def assert_trees_close(got, want, *, atol=0.0, rtol=0.0):
