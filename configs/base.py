@@ -8,7 +8,9 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.mode = "train"  # "train" | "eval" (init weights only) | "train_and_eval" (eval at the end)
+  # "train" | "eval" (init weights only) | "train_and_eval" (eval at the end) | "demo" (the
+  # distillation demo: configs/demo.py)
+  c.mode = "train"
   c.seed = 0  # parameter init and data order
 
   # Initialisation, first that applies: resume from --workdir > init.checkpoint > init.hf_dir
@@ -28,6 +30,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.attention_block = 512
   c.model.rope_theta = 0.0  # > 0 overrides the checkpoint's (long traces on Qwen2.5-Math)
   c.model.max_position_embeddings = 0  # > 0 overrides the checkpoint's
+  # Architecture of a random init: > 0 replaces the preset's (never with init.* weights).
+  # head_dim 0 follows d_model / num_heads when either of those is set.
+  c.model.vocab_size = 0
+  c.model.d_model = 0
+  c.model.num_layers = 0
+  c.model.num_heads = 0
+  c.model.num_kv_heads = 0
+  c.model.head_dim = 0
+  c.model.mlp_dim = 0
 
   # Device mesh: (data, fsdp, context, tp) sizes; one may be -1 = all remaining devices.
   # context > 1 splits every sequence across devices (context parallelism, for long traces).
@@ -52,6 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.global_batch_size = 8  # packed rows per optimizer step, all processes together
   c.train.micro_batches = 1  # gradient accumulation: the global batch in this many scans
   c.train.num_steps = 0  # optimizer steps; 0 = derived from num_epochs and the packed rows
+  # (in mode="demo": 0 = the demo preset's)
   c.train.num_epochs = 1.0  # passes over the data when num_steps is 0
   c.train.lr = 1e-5  # peak learning rate
   c.train.warmup_ratio = 0.05  # share of the steps spent in linear warm-up
@@ -72,7 +84,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.async_checkpoints = True  # write checkpoints in the background
   c.train.profile_steps = (0, 0)  # [start, stop) steps traced by jax.profiler; (0, 0) = off
   c.train.compilation_cache_dir = ""  # persistent XLA compilation cache, e.g. ~/.cache/jaxdistill
-  c.train.inject_nan_at_step = -1  # testing aid: poison the loss at this step
 
   c.eval = ml_collections.ConfigDict()
   c.eval.tasks = "aime24"  # comma-separated: aime24, aime25, amc23, math500
@@ -90,4 +101,25 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.compute_dtype = "float32"  # fp32 evaluation: bf16 can move AIME scores by points
   c.eval.cache_dtype = "float32"  # KV cache dtype
   c.eval.grading_workers = 2  # processes for symbolic (MATH) answer comparison
+
+  # The distillation demo (mode="demo", jaxdistill/demo/run.py). Its student is model.*,
+  # its training train.*; these settings are the demo's own: data, evaluation, length.
+  c.demo = ml_collections.ConfigDict()
+  c.demo.preset = "default"  # "default" | "long": training length, below
+  c.demo.num_traces = 0  # training traces; 0 = the preset's
+  c.demo.presets = ml_collections.ConfigDict({
+      "default": {"num_steps": 3000, "num_traces": 12000},
+      "long": {"num_steps": 12000, "num_traces": 40000},
+  })
+  c.demo.families = "add,mul,lineq"  # comma-separated teacher families (demo/teacher.py)
+  c.demo.eval_per_family = 40  # held-out problems per family
+  c.demo.data_seed = 0  # problem draws (held-out and training streams)
+  c.demo.vocab_size = 512  # SentencePiece vocabulary trained on the traces
+  c.demo.max_new_tokens = 352  # generation budget; the longest answer (9999 * 9) is 332 tokens
+  c.demo.eval_batch_size = 64  # prompts per sampler batch
+  c.demo.maj_k = 4  # samples per problem for maj@k (0 = skip)
+  c.demo.maj_per_family = 20  # held-out problems per family scored by maj@k (the first ones)
+  c.demo.maj_temperature = 0.7
+  c.demo.maj_top_p = 0.95
+  c.demo.untrained = True  # also score the randomly initialised student (greedy)
   return c

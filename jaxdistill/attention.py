@@ -19,7 +19,7 @@ every key is masked (padding) get zeros.
               the data pipeline builds (each segment contiguous, positions counting up in it).
   splash      Pallas splash attention on TPU with `SegmentIds`, the same index-causal layout.
   auto        splash on TPU, pallas_gpu on GPU, and on CPU dense up to `DENSE_MAX_T` query
-              tokens, blockwise beyond.
+              tokens, blockwise beyond (`resolve`; the names are model_config.ATTENTION_IMPLS).
 
 Fused kernels see whole sequences, so they run inside `shard_map` over batch and heads; with a
 "context" mesh axis > 1, `context_parallel_attention` shards the sequence instead.
@@ -35,7 +35,6 @@ from jax.sharding import PartitionSpec as P
 
 from jaxdistill import sharding
 
-IMPLEMENTATIONS = ("auto", "dense", "blockwise", "pallas_gpu", "splash")
 DENSE_MAX_T = 1024  # `auto` on CPU: dense attention is faster than blockwise up to here
 _NEG = -1e30  # finite "minus infinity": masked scores, so max/exp never see inf - inf
 
@@ -320,14 +319,29 @@ def splash_attention(q_BTNH, k_BTKH, v_BTKH, seg_BT, *, block: int = 512,
 
 # -- Dispatch ----------------------------------------------------------------------------------
 
-def resolve(impl: str, t: int) -> str:
-  """The implementation `impl` names for T query tokens on the default backend."""
+def resolve(impl: str, t: int, platform: str | None = None, context: int = 1) -> str:
+  """What `self_attention` runs for the configured `impl` and T query tokens.
+
+  The one statement of the rule, read by the model and by the memory planner (which plans for
+  hardware that is not attached, hence `platform`).
+
+  Args:
+    impl: one of model_config.ATTENTION_IMPLS.
+    t: query tokens of the whole row.
+    platform: "cpu" | "gpu" | "tpu"; None means `jax.default_backend()`.
+    context: the mesh's context-parallel size.
+  Returns:
+    "context" when context > 1 (blockwise over all-gathered keys and values, whatever `impl`
+    says), else `impl` with "auto" replaced by what it means on `platform`.
+  """
+  if context > 1:
+    return "context"
   if impl != "auto":
     return impl
-  backend = jax.default_backend()
-  if backend == "tpu":
+  platform = platform or jax.default_backend()
+  if platform == "tpu":
     return "splash"
-  if backend == "gpu":
+  if platform == "gpu":
     return "pallas_gpu"
   return "dense" if t <= DENSE_MAX_T else "blockwise"
 
@@ -348,9 +362,9 @@ def self_attention(q_BTNH, k_BTKH, v_BTKH, pos_BT, seg_BT, *, impl: str, block: 
   """
   mesh = jax.sharding.get_abstract_mesh()
   context = 1 if mesh.empty else mesh.shape.get("context", 1)
-  if context > 1:
+  impl = resolve(impl, q_BTNH.shape[1], context=context)
+  if impl == "context":
     return context_parallel_attention(q_BTNH, k_BTKH, v_BTKH, pos_BT, seg_BT, block=block)
-  impl = resolve(impl, q_BTNH.shape[1])
   if impl == "dense":
     return dense_attention(q_BTNH, k_BTKH, v_BTKH,
                            attention_mask(pos_BT, seg_BT, pos_BT, seg_BT))

@@ -19,8 +19,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jaxdistill.model import Transformer, abstract_model, state_shardings
+from jaxdistill.model import Transformer, abstract_model
 from jaxdistill.model_config import ModelConfig
+from jaxdistill.sharding import param_shardings
 
 PARAMS = "params"
 MODEL_CONFIG = "model_config"
@@ -98,7 +99,7 @@ def load_model(path: str, mesh=None, step: int | None = None, **config_overrides
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: device, abstract_state)
   else:
-    shardings = state_shardings(abstract_state, mesh)
+    shardings = param_shardings(abstract_state, mesh)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract_state, shardings)
   with ocp.CheckpointManager(root) as mngr:

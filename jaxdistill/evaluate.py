@@ -1,8 +1,10 @@
-"""Evaluation of a model on the bundled tasks: sample, grade, and write summary, report and plot.
+"""Evaluation on the bundled tasks or any problem set: sample, grade, and write summary, report
+and plot.
 
-For each task, `workdir/eval/<task>/` receives `prompts.jsonl`, `generations.jsonl` (and
-`greedy.jsonl`), `summary.json`, and `budget.png` (maj@k against average output tokens, the
-O1-Journey measure); `workdir/eval/report.md` has one table for all tasks. Generations are
+For each task, `<out_dir>/<task>/` receives `prompts.jsonl`, `generations.jsonl` (and
+`greedy.jsonl`), their grades (`graded.jsonl`, `greedy_graded.jsonl`), `summary.json`, and
+`budget.png` (maj@k against average output tokens, the O1-Journey measure);
+`<out_dir>/report.md` has one table for all tasks (runs use `workdir/eval`). Generations are
 appended as batches finish and a rerun continues from them, so a preempted evaluation loses
 at most one batch and ends with the same summary.
 """
@@ -13,7 +15,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from jaxdistill import generate
 from jaxdistill.data import chat
@@ -21,25 +23,26 @@ from jaxdistill.eval import grade as grade_lib, metrics, tasks
 from jaxdistill.sampler import Sampler, SamplingConfig
 
 TASK_KINDS = {"aime24": "aime", "aime25": "aime", "amc23": "amc", "math500": "math"}
-DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-  tasks: tuple[str, ...] = ("aime24",)
-  num_samples: int = 64  # samples per problem (pass@1 is averaged over them)
-  temperature: float = 0.6
-  top_p: float = 0.95
-  top_k: int = 0
-  max_new_tokens: int = 32768
-  greedy: bool = True  # also one greedy sample per problem
-  batch_size: int = 8  # sampler slots: groups (a prompt x samples_at_once) decoding at once
-  samples_at_once: int = 0  # samples of one prompt per slot (0 = all); bounds the KV cache
-  limit: int = 0  # first N problems of each task (0 = all)
-  instruction: str = DEFAULT_INSTRUCTION  # appended to each problem in the user turn
-  seed: int = 0
-  cache_dtype: str = "float32"
-  grading_workers: int = 2  # processes for symbolic (MATH) comparisons
+  """The `eval` section of a run config, typed (defaults: configs/base.py)."""
+  tasks: tuple[str, ...]  # bundled tasks (TASK_KINDS) that `evaluate` runs by default
+  num_samples: int  # samples per problem (pass@1 is averaged over them)
+  temperature: float
+  top_p: float
+  top_k: int
+  max_new_tokens: int
+  greedy: bool  # also one greedy sample per problem
+  batch_size: int  # sampler slots: groups (a prompt x samples_at_once) decoding at once
+  samples_at_once: int  # samples of one prompt per slot (0 = all); bounds the KV cache
+  limit: int  # first N problems of each task (0 = all)
+  instruction: str  # appended to each problem in the user turn ("" = none)
+  seed: int
+  compute_dtype: str  # the model's compute dtype while sampling
+  cache_dtype: str
+  grading_workers: int  # processes for symbolic (MATH) comparisons
 
   def __post_init__(self):
     unknown = [t for t in self.tasks if t not in TASK_KINDS]
@@ -53,34 +56,64 @@ class EvalConfig:
                        f"eval.num_samples={self.num_samples} (0 = all of them)")
 
 
-def write_prompts(task: str, cfg: EvalConfig, path: str) -> list[dict]:
-  rows = tasks.load_task(task)
-  if cfg.limit:
-    rows = rows[:cfg.limit]
-  out = [{"id": r["id"], "answer": r["answer"],
-          "prompt": f"{r['problem']}\n{cfg.instruction}" if cfg.instruction else r["problem"]}
-         for r in rows]
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """A set of problems to sample and grade: the bundled ones (`bundled_task`) or any other
+  (the demo's held-out arithmetic). Each problem has `id`, `problem` and `answer`; its
+  other fields are copied into the outputs, and `group_by` names one whose values get their
+  own accuracy in the summary (e.g. MATH-500's `level`)."""
+  name: str
+  kind: str  # how answers are graded: grade.py's "aime" | "amc" | "math"
+  problems: tuple[dict, ...]
+  group_by: str | None = None
+
+
+def bundled_task(name: str) -> Task:
+  if name not in TASK_KINDS:
+    raise ValueError(f"unknown evaluation task {name!r}; choose from {sorted(TASK_KINDS)}")
+  return Task(name, TASK_KINDS[name], tuple(tasks.load_task(name)))
+
+
+def write_prompts(task: Task, cfg: EvalConfig, path: str) -> list[dict]:
+  rows = task.problems[:cfg.limit] if cfg.limit else task.problems
+  out = [dict(r, prompt=f"{r['problem']}\n{cfg.instruction}" if cfg.instruction
+              else r["problem"]) for r in rows]
   with open(path, "w", encoding="utf-8") as f:
     for row in out:
       f.write(json.dumps(row, ensure_ascii=False) + "\n")
   return out
 
 
-def grade_file(path: str, kind: str, checker) -> tuple[list[list], list[list[int]]]:
-  """Per-problem verdicts and output token counts of a generations file."""
-  problems, tokens = [], []
+def grade_file(path: str, kind: str, checker, graded_path: str | None = None
+               ) -> tuple[list[list], list[list[int]], list[dict]]:
+  """Per-problem verdicts, output token counts and rows of a generations file; with
+  `graded_path`, one line per problem is written there: id, and per sample `correct`,
+  `reason` and `vote_key` (the answer as voted on)."""
+  problems, tokens, rows = [], [], []
   with open(path, encoding="utf-8") as f:
     for line in f:
       row = json.loads(line)
       samples = [(r, row["answer"], fr) for r, fr in zip(row["response"], row["finish_reason"])]
       problems.append(grade_lib.grade_all(samples, kind, checker=checker))
       tokens.append([len(t) for t in row["completion_token_ids"]])
-  return problems, tokens
+      rows.append(row)
+  if graded_path:
+    with open(graded_path + ".tmp", "w", encoding="utf-8") as f:
+      for row, verdicts in zip(rows, problems):
+        f.write(json.dumps({"id": row["id"], "correct": [v.correct for v in verdicts],
+                            "reason": [v.reason for v in verdicts],
+                            "vote_key": [v.vote_key for v in verdicts]},
+                           ensure_ascii=False) + "\n")
+    os.replace(graded_path + ".tmp", graded_path)
+  return problems, tokens, rows
 
 
-def evaluate(sampler: Sampler, renderer: chat.ChatRenderer, cfg: EvalConfig, workdir: str, *,
-             model_description: dict, log: Callable[[str], None] = logging.info) -> dict:
-  """Runs every task of `cfg`; returns {task: summary}."""
+def evaluate(sampler: Sampler, renderer: chat.ChatRenderer, cfg: EvalConfig, out_dir: str, *,
+             model_description: dict, task_list: Sequence[Task] | None = None,
+             log: Callable[[str], None] = logging.info) -> dict:
+  """Samples and grades every task (default: `cfg.tasks`, bundled) into `out_dir/<task>/`,
+  and writes `out_dir/report.md`; returns {task: summary}."""
+  task_list = list(task_list) if task_list is not None else [bundled_task(t) for t in cfg.tasks]
   stops = generate.stop_ids(renderer)
   sampled = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                            max_new_tokens=cfg.max_new_tokens, stop_ids=stops,
@@ -90,13 +123,13 @@ def evaluate(sampler: Sampler, renderer: chat.ChatRenderer, cfg: EvalConfig, wor
   checker = grade_lib.SymbolicChecker(workers=cfg.grading_workers)
   summaries = {}
   try:
-    for task in cfg.tasks:
-      task_dir = os.path.join(workdir, "eval", task)
+    for task in task_list:
+      task_dir = os.path.join(out_dir, task.name)
       os.makedirs(task_dir, exist_ok=True)
       prompts = os.path.join(task_dir, "prompts.jsonl")
       write_prompts(task, cfg, prompts)
-      log(f"{task}: sampling {cfg.num_samples} per problem (temperature {cfg.temperature}, "
-          f"top-p {cfg.top_p}, up to {cfg.max_new_tokens} tokens)")
+      log(f"{task.name}: sampling {cfg.num_samples} per problem (temperature "
+          f"{cfg.temperature}, top-p {cfg.top_p}, up to {cfg.max_new_tokens} tokens)")
       generations = os.path.join(task_dir, "generations.jsonl")
       generate.generate_file(sampler, renderer, prompts, generations, sampled,
                              num_samples=cfg.num_samples, seed=cfg.seed,
@@ -107,22 +140,28 @@ def evaluate(sampler: Sampler, renderer: chat.ChatRenderer, cfg: EvalConfig, wor
         greedy_path = os.path.join(task_dir, "greedy.jsonl")
         generate.generate_file(sampler, renderer, prompts, greedy_path, greedy,
                                batch_size=cfg.batch_size, log=log)
-        greedy_verdicts = [vs[0] for vs in grade_file(greedy_path, TASK_KINDS[task], checker)[0]]
-      problems, tokens = grade_file(generations, TASK_KINDS[task], checker)
+        greedy_verdicts = [vs[0] for vs in grade_file(
+            greedy_path, task.kind, checker, os.path.join(task_dir, "greedy_graded.jsonl"))[0]]
+      problems, tokens, rows = grade_file(generations, task.kind, checker,
+                                          os.path.join(task_dir, "graded.jsonl"))
       summary = metrics.summarize(problems, tokens=tokens, greedy=greedy_verdicts)
-      summary.update(task=task, kind=TASK_KINDS[task], model=model_description,
+      if task.group_by:
+        summary["by_group"] = metrics.summarize_groups(
+            problems, [str(r.get(task.group_by)) for r in rows], tokens=tokens,
+            greedy=greedy_verdicts)
+      summary.update(task=task.name, kind=task.kind, model=model_description,
                      sampling=dataclasses.asdict(sampled), num_samples=cfg.num_samples,
                      instruction=cfg.instruction)
       with open(os.path.join(task_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-      _plot_budget(summary, task, os.path.join(task_dir, "budget.png"))
-      log(f"{task}: accuracy {summary['accuracy']:.3f} (avg@{cfg.num_samples}), greedy "
+      _plot_budget(summary, task.name, os.path.join(task_dir, "budget.png"))
+      log(f"{task.name}: accuracy {summary['accuracy']:.3f} (avg@{cfg.num_samples}), greedy "
           f"{summary.get('greedy_accuracy')}, mean output tokens "
           f"{summary.get('mean_output_tokens', 0):.0f}")
-      summaries[task] = summary
+      summaries[task.name] = summary
   finally:
     checker.close()
-  write_report(summaries, os.path.join(workdir, "eval", "report.md"))
+  write_report(summaries, os.path.join(out_dir, "report.md"))
   return summaries
 
 

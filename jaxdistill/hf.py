@@ -24,8 +24,10 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from jaxdistill.model import Transformer, abstract_model, flat_params, keypath_str, state_shardings
+from jaxdistill.data.chat import TURN_END_TOKENS
+from jaxdistill.model import Transformer, abstract_model, flat_params
 from jaxdistill.model_config import ModelConfig
+from jaxdistill.sharding import param_shardings, path_str
 
 _ST_TO_NP = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -39,8 +41,6 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json")
-# Tokens that end an assistant turn in the chat templates of the supported families.
-TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>")
 
 
 class CheckpointError(ValueError):
@@ -282,11 +282,11 @@ def load_hf_model(hf_dir: str, mesh=None, **config_overrides) -> Transformer:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: device, abstract_state)
   else:
-    shardings = state_shardings(abstract_state, mesh)
+    shardings = param_shardings(abstract_state, mesh)
   rules = {r.ours: r for r in key_table(cfg)}
 
   def build(keypath, abstract, sharding):
-    rule = rules[keypath_str(keypath)]
+    rule = rules[path_str(keypath)]
     dtype = np.dtype(abstract.dtype)
 
     def read(index):

@@ -1,14 +1,23 @@
 """Entry point: `python -m jaxdistill.main --config=configs/<name>.py --workdir=DIR`.
 
-Flags, multi-process initialisation and logging; everything else is in `jaxdistill.run`.
+Flags, multi-process initialisation and logging; the config becomes typed settings
+(`jaxdistill.settings`) and the mode picks the application (`APPS`).
 Run the same command on every host. Multi-process JAX starts by itself on TPU pods and
 SLURM clusters; elsewhere pass --coordinator_address, --num_processes and --process_id.
 """
 
 import os
 
+import jax
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from jaxdistill import apps, settings
+from jaxdistill.demo import run as demo_run
+
+APPS = {"train": apps.train, "eval": apps.evaluate, "train_and_eval": apps.train_and_eval,
+        "demo": demo_run.main}
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config (configs/<name>.py).",
                                           lock_config=True)
@@ -31,7 +40,6 @@ def _cluster_detected() -> bool:
 
 
 def init_distributed() -> None:
-  import jax  # pylint: disable=g-import-not-at-top
   explicit = _COORDINATOR.value is not None
   if not (explicit or _cluster_detected()):
     return
@@ -53,16 +61,20 @@ class _QuietLibraries(logging.logging.Filter):
     return not any(f"/{lib}/" in record.pathname for lib in ("orbax", "grain"))
 
 
+def run(config: ml_collections.ConfigDict, workdir: str):
+  """Runs the application `config.mode` names in `workdir`; returns what it returns."""
+  s = settings.parse(config)
+  return APPS[s.mode](s, workdir)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   init_distributed()
-  import jax  # pylint: disable=g-import-not-at-top
-  from jaxdistill import run  # pylint: disable=g-import-not-at-top
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
-  run.main(_CONFIG.value, _WORKDIR.value)
+  run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Memory planner: per-device bytes of a training step and of evaluation, from shapes alone.
 
-Pure functions of a `ModelConfig`, the run's batch/sequence settings and the mesh shape; no
-JAX tracing, so `tools/plan.py` can try thousands of candidate settings in a second.
+Pure functions of a `ModelConfig`, the run's batch/sequence settings and the mesh shape. The
+parameters are the model's own (`nnx.eval_shape`, once per architecture) laid out by
+`sharding.param_shardings` on a device-less mesh; the rest is arithmetic on shapes, so
+`tools/plan.py` can try thousands of candidate settings in a second.
 
 A training step holds its parameters, AdamW mu and nu, the batch and the gradients
 throughout (`Estimate.held`), plus the largest of these moments (`Estimate.moments`):
@@ -13,7 +15,7 @@ throughout (`Estimate.held`), plus the largest of these moments (`Estimate.momen
 Evaluation holds the parameters and the KV cache (and the decode step's copies of it).
 
 Where the numbers come from. Parameters, optimizer state and gradients are counted exactly
-from the parameter table (`param_shapes`) and `sharding.PARAM_AXES`; the tests check them
+from the model's abstract parameters and `sharding.param_shardings`; the tests check them
 against the compiled step's argument bytes. The rest was measured: `tests/test_plan.py`
 compiles the real train step (`train.make_train_step`) and the sampler's decode step on small
 configs on 8 simulated CPU devices and requires this estimate to lie within 20% of XLA's
@@ -38,10 +40,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import types
 from collections.abc import Sequence
 
-from jaxdistill import attention, sharding
+import jax
+from flax import nnx
+
+from jaxdistill import attention, model, sharding
 from jaxdistill.hardware import Chip
 from jaxdistill.model_config import ModelConfig
 
@@ -89,59 +93,36 @@ def resolve_mesh(shape: Sequence[int], devices: int) -> tuple[int, int, int, int
 
 # -- Parameters -------------------------------------------------------------------------------
 
-def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-  """Every parameter's shape under its model.py path (equals `model.abstract_model`, tested)."""
-  d, n, k, h, f, v, l = (cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                         cfg.mlp_dim, cfg.vocab_size, cfg.num_layers)
-  shapes = {
-      "embed_tokens/embedding": (v, d),
-      "layers/self_attn/q_proj/kernel": (l, d, n, h),
-      "layers/self_attn/k_proj/kernel": (l, d, k, h),
-      "layers/self_attn/v_proj/kernel": (l, d, k, h),
-      "layers/self_attn/o_proj/kernel": (l, n, h, d),
-      "layers/mlp/gate_proj/kernel": (l, d, f),
-      "layers/mlp/up_proj/kernel": (l, d, f),
-      "layers/mlp/down_proj/kernel": (l, f, d),
-      "layers/input_layernorm/scale": (l, d),
-      "layers/post_attention_layernorm/scale": (l, d),
-      "norm/scale": (d,),
-  }
-  if cfg.qkv_bias:
-    shapes.update({"layers/self_attn/q_proj/bias": (l, n, h),
-                   "layers/self_attn/k_proj/bias": (l, k, h),
-                   "layers/self_attn/v_proj/bias": (l, k, h)})
-  if not cfg.tie_embeddings:
-    shapes["lm_head/kernel"] = (d, v)
-  return shapes
-
-
-def _shard_elements(path: str, shape, mesh: tuple[int, ...]) -> int:
-  """Elements of one parameter on one device, by the sharding table (raises if it does not
-  divide, with sharding.param_spec's message)."""
-  spec = sharding.param_spec(path, shape, _FakeMesh(mesh))
-  elements = 1
-  for dim, entry in zip(shape, tuple(spec) + (None,) * len(shape)):
-    names = () if entry is None else ((entry,) if isinstance(entry, str) else entry)
-    elements *= dim // math.prod(mesh[sharding.MESH_AXES.index(a)] for a in names)
-  return elements
-
-
-def _FakeMesh(mesh):  # pylint: disable=invalid-name
-  """What sharding.param_spec reads of a Mesh (its axis sizes), without devices."""
-  return types.SimpleNamespace(shape=dict(zip(sharding.MESH_AXES, mesh)))
-
-
 def param_bytes(cfg: ModelConfig, mesh: tuple[int, ...], dtype: str | None = None,
                 layers_only: bool = False) -> int:
-  """Bytes of the parameters on one device (in `dtype`, default the param dtype)."""
-  shapes = tuple(sorted(param_shapes(cfg).items()))
-  return _elements(shapes, tuple(mesh), layers_only) * _BYTES[dtype or cfg.param_dtype]
+  """Bytes of the parameters on one device (in `dtype`, default the param dtype): the model's
+  own abstract parameters laid out by `sharding.param_shardings` on a device-less mesh.
+  Raises ValueError (naming the parameter) when the mesh does not divide one."""
+  elements = _elements(_shape_config(cfg), tuple(mesh), layers_only)
+  return elements * _BYTES[dtype or cfg.param_dtype]
+
+
+def _shape_config(cfg: ModelConfig) -> ModelConfig:
+  """`cfg` with fields that never change a parameter's shape set to fixed values: suggest()
+  varies remat and attention per candidate, and the caches below should hold one entry per
+  architecture, not one per candidate (each entry costs an `nnx.eval_shape`)."""
+  return cfg.replace(remat="none", attention="auto", attention_block=512,
+                     compute_dtype="float32", param_dtype="float32")
+
+
+@functools.lru_cache(maxsize=64)
+def _abstract_params(cfg: ModelConfig) -> dict:
+  """The model's parameters as ShapeDtypeStructs (`nnx.eval_shape`: traced, never built)."""
+  return nnx.to_pure_dict(nnx.state(model.abstract_model(cfg), nnx.Param))
 
 
 @functools.lru_cache(maxsize=4096)
-def _elements(shapes, mesh, layers_only) -> int:  # cached: suggest() asks per candidate
-  return sum(_shard_elements(p, s, mesh) for p, s in shapes
-             if not layers_only or p.startswith("layers/"))
+def _elements(cfg: ModelConfig, mesh: tuple[int, ...], layers_only: bool) -> int:
+  params = _abstract_params(cfg)
+  shardings = sharding.param_shardings(params, sharding.abstract_mesh(mesh))
+  return sum(math.prod(s.shard_shape(x.shape)) for (kp, x), s in zip(
+      jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(shardings))
+             if not layers_only or sharding.path_str(kp).startswith("layers/"))
 
 
 # -- The estimate -----------------------------------------------------------------------------
@@ -169,19 +150,6 @@ class Estimate:
 
   def to_dict(self) -> dict:
     return dict(dataclasses.asdict(self), peak=self.peak, phase=self.phase)
-
-
-def attention_impl(cfg: ModelConfig, seq_len: int, context: int, platform: str) -> str:
-  """What attention.self_attention runs for this config on `platform` (see attention.py)."""
-  if context > 1:
-    return "context"  # blockwise over all-gathered K/V
-  if cfg.attention != "auto":
-    return cfg.attention
-  if platform == "tpu":
-    return "splash"
-  if platform == "gpu":
-    return "pallas_gpu"
-  return "dense" if seq_len <= attention.DENSE_MAX_T else "blockwise"
 
 
 # Coefficients measured on XLA:CPU (see the module docstring and tests/test_plan.py).
@@ -212,7 +180,7 @@ def estimate_train(cfg: ModelConfig, shape: TrainShape, mesh: tuple[int, int, in
   problems = []
   dp = data * fsdp
   micro = shape.micro_batches
-  if shape.global_batch_size % (dp * micro):  # worded as run.validate words it
+  if shape.global_batch_size % (dp * micro):  # worded as settings.check_run words it
     problems.append(
         f"train.global_batch_size={shape.global_batch_size} is not divisible by data x fsdp "
         f"({dp}) x train.micro_batches ({micro}) = {dp * micro}; make it a multiple of "
@@ -240,7 +208,7 @@ def estimate_train(cfg: ModelConfig, shape: TrainShape, mesh: tuple[int, int, in
   kvh = cfg.num_kv_heads // tp if cfg.num_kv_heads % tp == 0 else cfg.num_kv_heads
   f = cfg.mlp_dim // tp
   v = cfg.vocab_size // tp
-  impl = attention_impl(cfg, t_full, context, platform)
+  impl = attention.resolve(cfg.attention, t_full, platform, context)
 
   btd, btd32 = b * t * d * c, b * t * d * 4
   btf = b * t * f * c
@@ -374,7 +342,7 @@ def estimate_eval(cfg: ModelConfig, shape: EvalShape, mesh: tuple[int, int, int,
   prefill of fresh rows. A prompt's samples decode `samples_at_once` at a time.
   """
   data, fsdp, context, tp = mesh
-  mesh = (data * context, fsdp, 1, tp)  # run.run_eval folds context into data for decoding
+  mesh = (data * context, fsdp, 1, tp)  # apps.sampler_for folds context into data for decoding
   dp = data * context * fsdp
   problems = []
   if cfg.num_heads % tp:
@@ -489,8 +457,8 @@ def suggest(cfg: ModelConfig, shape: TrainShape, mesh: tuple[int, int, int, int]
     for micro in _divisors(shape.global_batch_size // dp):
       for remat in remats:
         for chunk in chunks:
-          for attention in attentions:
-            c = cfg.replace(remat=remat, attention=attention)
+          for attn in attentions:
+            c = cfg.replace(remat=remat, attention=attn)
             s = dataclasses.replace(shape, micro_batches=micro, loss_chunk=chunk)
             est = estimate_train(c, s, m, chip.platform)
             if est.problems or est.peak > budget:
@@ -504,8 +472,8 @@ def suggest(cfg: ModelConfig, shape: TrainShape, mesh: tuple[int, int, int, int]
               overrides["model.remat"] = remat
             if chunk != shape.loss_chunk:
               overrides["train.loss_chunk"] = chunk
-            if attention != cfg.attention:
-              overrides["model.attention"] = attention
+            if attn != cfg.attention:
+              overrides["model.attention"] = attn
             found.append(Suggestion(overrides, est, _cost(c, s, m, cfg, shape, mesh)))
   return _first_distinct(found, limit)
 

@@ -1,36 +1,23 @@
-"""Model FLOPs and device peaks: the arithmetic behind tokens/s and MFU figures."""
+"""Model FLOPs and device peaks (the arithmetic behind tokens/s and MFU), the metric writer,
+and the train loop's progress reporter."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 
 import jax
 
+from jaxdistill import hardware
 from jaxdistill.model_config import ModelConfig
-
-# Dense bf16 peak FLOP/s per device (vendor figures, without sparsity). Matched against
-# `device_kind` by substring, first match wins.
-DEVICE_PEAK_FLOPS = (
-    ("H200", 989e12),
-    ("H100", 989e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("TPU v6", 918e12),
-    ("TPU v5p", 459e12),
-    ("TPU v5 lite", 197e12),
-    ("TPU v5e", 197e12),
-    ("TPU v4", 275e12),
-)
 
 
 def device_peak_flops(device: jax.Device | None = None) -> float | None:
-  """Peak bf16 FLOP/s of `device` (default: the first), or None when unknown (e.g. CPU)."""
-  kind = (device or jax.devices()[0]).device_kind
-  for name, peak in DEVICE_PEAK_FLOPS:
-    if name.lower() in kind.lower():
-      return peak
-  return None
+  """Peak dense bf16 FLOP/s of `device` (default: the first) from hardware.CHIPS, or None
+  when it is not listed there (e.g. CPU)."""
+  chip = hardware.chip_for_device(device or jax.devices()[0])
+  return chip.peak_flops if chip else None
 
 
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -82,3 +69,52 @@ class MetricWriter:
       self._file.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def format_duration(seconds: float) -> str:
+  seconds = int(seconds)
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class ProgressReporter:
+  """Step timing, throughput, MFU and ETA for the train loop, written to a MetricWriter and a
+  log on the logging cadence (every `log_every` steps, the first and the last).
+
+  Timing covers the steps since the previous report, measured when a report is due; the
+  first step's time is mostly compilation, so it gets no rate or ETA.
+  """
+
+  def __init__(self, writer: MetricWriter, log, *, first_step: int, num_steps: int,
+               log_every: int, tokens_per_step: int, flops_per_step: float,
+               peak_flops: float | None, clock=time.perf_counter):
+    self.writer, self.log, self.clock = writer, log, clock
+    self.first_step, self.num_steps, self.log_every = first_step, num_steps, log_every
+    self.tokens_per_step, self.flops_per_step = tokens_per_step, flops_per_step
+    self.peak = peak_flops * jax.device_count() if peak_flops else None
+    self._since, self._steps = clock(), 0
+
+  def step_done(self, step: int, scalars: dict[str, float]) -> None:
+    """Records one finished step; reports when the cadence says so."""
+    self._steps += 1
+    if step % self.log_every and step not in (self.first_step, self.num_steps):
+      return
+    now = self.clock()
+    step_time = (now - self._since) / self._steps
+    self._since, self._steps = now, 0
+    head = (f"step {step}/{self.num_steps} | loss {scalars['loss']:.4f} | grad "
+            f"{scalars['grad_norm']:.3f} | lr {scalars['lr']:.2e}")
+    if step == self.first_step:
+      self.writer.write(step, scalars)
+      self.log(f"{head} | first step with compilation {step_time:.1f}s")
+      return
+    row = dict(scalars, step_time=step_time, tokens_per_s=self.tokens_per_step / step_time)
+    line = f"{head} | {row['tokens_per_s']:,.0f} tok/s | {step_time * 1e3:.0f} ms/step"
+    if self.peak:
+      row["mfu"] = self.flops_per_step / step_time / self.peak
+      line += f" | MFU {row['mfu']:.1%}"
+    line += f" | ETA {format_duration(step_time * (self.num_steps - step))}"
+    self.writer.write(step, row)
+    self.log(line)
+

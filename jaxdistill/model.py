@@ -28,7 +28,7 @@ from jaxdistill import attention
 from jaxdistill.attention import attention_mask, dense_attention_cached
 from jaxdistill.kvcache import KVCache, write_rows
 from jaxdistill.model_config import ModelConfig
-from jaxdistill.sharding import param_spec, shard
+from jaxdistill.sharding import param_shardings, shard
 
 _BATCH_SEQ = ("batch", "seq")
 
@@ -322,30 +322,12 @@ def abstract_model(cfg: ModelConfig) -> Transformer:
   return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
 
 
-def keypath_str(keypath) -> str:
-  """Slash-joined parameter path of a pytree key path through an nnx.State."""
-  parts = []
-  for k in keypath:
-    if isinstance(k, jax.tree_util.DictKey):
-      parts.append(str(k.key))
-    elif isinstance(k, jax.tree_util.SequenceKey):
-      parts.append(str(k.idx))
-  return "/".join(parts)
-
-
-def state_shardings(abstract_state: nnx.State, mesh) -> nnx.State:
-  """NamedShardings in the structure of a parameter state, from sharding.PARAM_AXES."""
-  return jax.tree.map_with_path(
-      lambda kp, x: jax.sharding.NamedSharding(mesh, param_spec(keypath_str(kp), x.shape, mesh)),
-      abstract_state)
-
-
 def jitted_init(cfg: ModelConfig, mesh=None, seed: int = 0):
   """(graphdef, init): `init()` returns the model's state from one jitted computation. With
   a mesh each parameter is created already sharded (`out_shardings`), never whole on one
   device; the values do not depend on the mesh."""
   graphdef, abstract_state = nnx.split(abstract_model(cfg))
-  shardings = None if mesh is None else state_shardings(abstract_state, mesh)
+  shardings = None if mesh is None else param_shardings(abstract_state, mesh)
 
   def init():
     return nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed)))

@@ -260,6 +260,11 @@ PRESETS: dict[str, ModelConfig] = {
         model_type="qwen2", vocab_size=512, d_model=64, num_layers=2, num_heads=4,
         num_kv_heads=2, head_dim=16, mlp_dim=128, rms_eps=1e-6, max_position_embeddings=2048,
         qkv_bias=True, tie_embeddings=True),
+    # The distillation demo's student (configs/demo.py); its vocabulary is the demo tokenizer's.
+    "demo_student": ModelConfig(
+        model_type="qwen2", vocab_size=512, d_model=128, num_layers=4, num_heads=4,
+        num_kv_heads=4, head_dim=32, mlp_dim=384, rms_eps=1e-6, max_position_embeddings=1024,
+        qkv_bias=True, tie_embeddings=True),
     # The model every benchmark in tools/ compares against its peer on CPU.
     "bench": ModelConfig(
         model_type="llama", vocab_size=8192, d_model=256, num_layers=4, num_heads=8,

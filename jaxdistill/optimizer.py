@@ -7,30 +7,35 @@ import dataclasses
 import jax
 import optax
 
-from jaxdistill.model import keypath_str
+from jaxdistill.sharding import path_str
 
 SCHEDULES = ("cosine", "linear", "constant")
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-  lr: float = 1e-5  # peak learning rate
-  total_steps: int = 1000
-  warmup_steps: int = 0
-  schedule: str = "cosine"  # shape after warm-up: one of SCHEDULES
-  end_lr_ratio: float = 0.0  # final lr / peak lr
-  weight_decay: float = 1e-4
-  b1: float = 0.9
-  b2: float = 0.95
-  eps: float = 1e-8
-  grad_clip: float = 1.0  # 0 disables clipping
+  """The optimizer settings of a run (the `train` section's lr ... grad_clip, typed; defaults
+  live in configs/base.py)."""
+  lr: float  # peak learning rate
+  warmup_ratio: float  # share of total_steps spent in linear warm-up from 0
+  schedule: str  # shape after warm-up: one of SCHEDULES
+  end_lr_ratio: float  # final lr / peak lr
+  weight_decay: float
+  b1: float
+  b2: float
+  eps: float
+  grad_clip: float  # global-norm clip; 0 disables clipping
+  total_steps: int  # optimizer steps of the run (0 until the data has been counted)
 
   def __post_init__(self):
     if self.schedule not in SCHEDULES:
       raise ValueError(f"train.schedule={self.schedule!r} is not one of {SCHEDULES}")
-    if not 0 <= self.warmup_steps <= self.total_steps:
-      raise ValueError(f"warmup steps {self.warmup_steps} must lie in [0, total steps "
-                       f"{self.total_steps}]; lower train.warmup_ratio")
+    if not 0 <= self.warmup_ratio <= 1:
+      raise ValueError(f"train.warmup_ratio={self.warmup_ratio} must lie in [0, 1]")
+
+  @property
+  def warmup_steps(self) -> int:
+    return int(round(self.warmup_ratio * self.total_steps))
 
 
 def make_schedule(cfg: OptimConfig) -> optax.Schedule:
@@ -52,8 +57,8 @@ def make_schedule(cfg: OptimConfig) -> optax.Schedule:
 def decay_mask(params):
   """True for parameters that get weight decay: matrices, not norm scales or biases."""
   return jax.tree.map_with_path(
-      lambda kp, _: not (keypath_str(kp).endswith("/bias") or "norm/" in keypath_str(kp)
-                         or keypath_str(kp).startswith("norm")),
+      lambda kp, _: not (path_str(kp).endswith("/bias") or "norm/" in path_str(kp)
+                         or path_str(kp).startswith("norm")),
       params)
 
 

@@ -1,4 +1,4 @@
-"""Device mesh, the parameter PartitionSpec table, and the one activation-sharding helper.
+"""Device mesh, the parameter PartitionSpec table and its one walk, the activation helper.
 
 Mesh axes are ("data", "fsdp", "context", "tp"). Parameters and activations are described
 with logical axis names; `LOGICAL_RULES` maps each to mesh axes in one place:
@@ -21,7 +21,7 @@ import re
 from collections.abc import Sequence
 
 import jax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "context", "tp")
 
@@ -75,6 +75,12 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
                        devices=devices)
 
 
+def abstract_mesh(shape: Sequence[int]) -> AbstractMesh:
+  """A device-less ("data", "fsdp", "context", "tp") mesh of resolved sizes (no -1): what
+  `param_shardings` needs to lay out parameters for hardware that is not attached."""
+  return AbstractMesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
 def logical_to_spec(axes: Sequence[str | None]) -> P:
   return P(*(LOGICAL_RULES[a] if a is not None else None for a in axes))
 
@@ -93,7 +99,7 @@ def param_logical_axes(path: str) -> tuple[str | None, ...]:
   raise KeyError(f"parameter {path!r} has no entry in sharding.PARAM_AXES")
 
 
-def param_spec(path: str, shape: Sequence[int], mesh: Mesh) -> P:
+def param_spec(path: str, shape: Sequence[int], mesh: Mesh | AbstractMesh) -> P:
   """The PartitionSpec of one parameter on `mesh`, checked for divisibility.
 
   kv heads fewer than (or not divisible by) the tp size are replicated across tp, the usual
@@ -119,10 +125,48 @@ def param_spec(path: str, shape: Sequence[int], mesh: Mesh) -> P:
   return P(*entries)
 
 
-def param_shardings(flat_shapes: dict[str, Sequence[int]], mesh: Mesh) -> dict[str, NamedSharding]:
-  """NamedShardings for a flat {path: shape} dict of parameters."""
-  return {path: NamedSharding(mesh, param_spec(path, shape, mesh))
-          for path, shape in flat_shapes.items()}
+def path_str(keypath) -> str:
+  """The slash-joined parameter path ("layers/self_attn/q_proj/kernel") of a pytree key path.
+
+  Only dict keys count, so an nnx.State (whose leaves sit under each Variable's `.value`), its
+  pure dict, and an optimizer state (whose moments sit under optax's tuples and named fields)
+  all give a parameter the same path, the one `PARAM_AXES` is written in.
+  """
+  return "/".join(str(k.key) for k in keypath if isinstance(k, jax.tree_util.DictKey))
+
+
+def param_shardings(params, mesh: Mesh | AbstractMesh):
+  """NamedShardings, in the structure of `params`, from `PARAM_AXES`.
+
+  The one walk from parameters to shardings: model initialisation, checkpoint and Hugging
+  Face loading, the trainer and the memory planner all call it.
+
+  Args:
+    params: an nnx.State, its pure dict, or any tree of arrays or ShapeDtypeStructs whose
+      dict keys spell parameter paths.
+    mesh: a device Mesh, or an AbstractMesh (`abstract_mesh`) where there are no devices, as
+      in the planner, which reads `shard_shape` off the result.
+  Returns:
+    The same tree with a NamedSharding at each leaf; raises (naming the parameter) when a
+    parameter has no table entry or the mesh does not divide it.
+  """
+  return jax.tree.map_with_path(
+      lambda kp, x: NamedSharding(mesh, param_spec(path_str(kp), x.shape, mesh)), params)
+
+
+def opt_state_shardings(opt_state, params, mesh: Mesh | AbstractMesh):
+  """NamedShardings for an optimizer state: a leaf under a parameter's path with that
+  parameter's shape (AdamW's mu and nu) takes its sharding; the rest (step counts) is
+  replicated. `opt_state` and `params` are abstract or concrete trees (see param_shardings)."""
+  by_path = {path_str(kp): (x.shape, s) for (kp, x), s in zip(
+      jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(param_shardings(params, mesh)))}
+  replicated = NamedSharding(mesh, P())
+
+  def pick(kp, x):
+    shape, s = by_path.get(path_str(kp), (None, None))
+    return s if shape == x.shape else replicated
+
+  return jax.tree.map_with_path(pick, opt_state)
 
 
 def shard(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:

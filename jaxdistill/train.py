@@ -11,7 +11,6 @@ import dataclasses
 import logging
 import math
 import signal
-import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -32,22 +31,22 @@ from jaxdistill.optimizer import OptimConfig, make_optimizer, make_schedule
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """The trainer's own settings (the `train` section of a run config, typed)."""
+  """The trainer's own settings (the `train` section of a run config, typed; defaults live in
+  configs/base.py)."""
 
-  global_batch_size: int = 8
-  micro_batches: int = 1
-  num_steps: int = 100
-  seq_len: int = 2048
-  loss_chunk: int = 1024
-  z_loss: float = 0.0
-  log_every: int = 10
-  eval_every: int = 0
-  eval_batches: int = 8
-  checkpoint_every: int = 500
-  keep_checkpoints: int = 3
-  async_checkpoints: bool = True
-  profile_steps: tuple[int, int] = (0, 0)
-  inject_nan_at_step: int = -1
+  global_batch_size: int  # packed rows per optimizer step, all processes together
+  micro_batches: int  # gradient accumulation: the global batch in this many scans
+  num_steps: int  # optimizer steps (0 in a run's settings until the data has been counted)
+  seq_len: int  # tokens per row (the data's), for throughput and MFU
+  loss_chunk: int  # sequence tokens per output-head chunk in the loss
+  z_loss: float  # coefficient of the summed logsumexp^2 added to the loss
+  log_every: int
+  eval_every: int  # steps between validation-loss passes (0 = never)
+  eval_batches: int
+  checkpoint_every: int
+  keep_checkpoints: int
+  async_checkpoints: bool
+  profile_steps: tuple[int, int]  # [start, stop) traced by jax.profiler; equal = off
 
 
 class BatchIterator(Protocol):
@@ -74,24 +73,59 @@ class TrainingStopped(RuntimeError):
 
 # -- The step ---------------------------------------------------------------------------------
 
-def make_train_step(graphdef, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, cfg: TrainConfig) -> Callable:
-  """train_step(state, batch) -> (state, metrics), a pure function to jit."""
+class Objective(Protocol):
+  """What a train step minimises, summed over one (micro-)batch's scored tokens.
 
-  def loss_fn(params, mb, n_scored):
-    model = nnx.merge(graphdef, params)
-    hidden, _ = model(mb["inputs"], mb["positions"], mb["segment_ids"], return_hidden=True)
-    nll, z = losses.cross_entropy_sums(model.unembed, hidden, mb["targets"], mb["loss_mask"],
-                                       chunk=cfg.loss_chunk)
-    return (nll + cfg.z_loss * z) / n_scored, nll
+  `frozen` is whatever the run holds fixed beside the trained model (a teacher's parameters
+  for logit distillation; None for SFT), passed to every step on the same mesh.
+  Returns (the sum to differentiate, the NLL sum reported as the loss).
+  """
+
+  def __call__(self, model: Transformer, batch: dict, step: jax.Array,
+               frozen: Any) -> tuple[jax.Array, jax.Array]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTObjective:
+  """Next-token NLL on the scored targets, plus `z_loss` x the summed logsumexp^2."""
+  loss_chunk: int
+  z_loss: float
+
+  def __call__(self, model, batch, step, frozen=None):
+    del step, frozen
+    nll, z = nll_sums(model, batch, self.loss_chunk)
+    return nll + self.z_loss * z, nll
+
+
+def nll_sums(model: Transformer, batch: dict, loss_chunk: int):
+  """(NLL sum, logsumexp^2 sum) of the batch's scored targets, the head applied in chunks."""
+  hidden, _ = model(batch["inputs"], batch["positions"], batch["segment_ids"],
+                    return_hidden=True)
+  return losses.cross_entropy_sums(model.unembed, hidden, batch["targets"], batch["loss_mask"],
+                                   chunk=loss_chunk)
+
+
+def make_train_step(graphdef, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule, cfg: TrainConfig,
+                    objective: Objective | None = None) -> Callable:
+  """train_step(state, batch, frozen=None) -> (state, metrics), a pure function to jit.
+
+  The objective (default: SFT with cfg's loss chunk and z-loss) is divided by the scored
+  tokens of the whole global batch, so micro-batches sum to the one-batch gradient.
+  """
+  objective = objective or SFTObjective(cfg.loss_chunk, cfg.z_loss)
+
+  def loss_fn(params, mb, n_scored, step, frozen):
+    total, nll = objective(nnx.merge(graphdef, params), mb, step, frozen)
+    return total / n_scored, nll
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def train_step(state: TrainState, batch):
+  def train_step(state: TrainState, batch, frozen=None):
     n_scored = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
     k = cfg.micro_batches
     if k == 1:
-      (_, nll), grads = grad_fn(state.params, batch, n_scored)
+      (_, nll), grads = grad_fn(state.params, batch, n_scored, state.step, frozen)
     else:
       # Micro-batch j takes rows j, j+k, ...: every device keeps rows of every micro-batch,
       # so splitting needs no communication.
@@ -101,21 +135,17 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
       micro = jax.tree.map(split, batch)
 
       def accumulate(carry, mb):
-        (_, nll), g = grad_fn(state.params, mb, n_scored)
+        (_, nll), g = grad_fn(state.params, mb, n_scored, state.step, frozen)
         return (carry[0] + nll, jax.tree.map(jnp.add, carry[1], g)), None
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       (nll, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), micro)
-    loss = nll / n_scored
-    if cfg.inject_nan_at_step >= 0:
-      poison = jnp.where(state.step == cfg.inject_nan_at_step, jnp.nan, 1.0)
-      loss, grads = loss * poison, jax.tree.map(lambda g: g * poison, grads)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-    return new_state, {"loss": loss, "grad_norm": grad_norm, "scored_tokens": n_scored,
-                       "lr": schedule(state.step)}
+    return new_state, {"loss": nll / n_scored, "grad_norm": grad_norm,
+                       "scored_tokens": n_scored, "lr": schedule(state.step)}
 
   return train_step
 
@@ -124,41 +154,13 @@ def make_eval_step(graphdef, cfg: TrainConfig) -> Callable:
   """eval_step(params, batch) -> (nll_sum, n_scored)."""
 
   def eval_step(params, batch):
-    model = nnx.merge(graphdef, params)
-    hidden, _ = model(batch["inputs"], batch["positions"], batch["segment_ids"],
-                      return_hidden=True)
-    nll, _ = losses.cross_entropy_sums(model.unembed, hidden, batch["targets"],
-                                       batch["loss_mask"], chunk=cfg.loss_chunk)
+    nll, _ = nll_sums(nnx.merge(graphdef, params), batch, cfg.loss_chunk)
     return nll, jnp.sum(batch["loss_mask"].astype(jnp.float32))
 
   return eval_step
 
 
 # -- State on the mesh ------------------------------------------------------------------------
-
-def _dict_path(keypath) -> str:
-  return "/".join(str(k.key) for k in keypath if isinstance(k, jax.tree_util.DictKey))
-
-
-def param_shardings(abstract_params, mesh):
-  return jax.tree.map_with_path(
-      lambda kp, x: jax.sharding.NamedSharding(
-          mesh, sharding.param_spec(_dict_path(kp), x.shape, mesh)), abstract_params)
-
-
-def opt_state_shardings(abstract_opt_state, abstract_params, mesh):
-  """Optimizer moments take their parameter's sharding; counters are replicated."""
-  by_path = {_dict_path(kp): (x.shape, s) for (kp, x), s in zip(
-      jax.tree_util.tree_leaves_with_path(abstract_params),
-      jax.tree.leaves(param_shardings(abstract_params, mesh)))}
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-  def pick(kp, x):
-    shape, s = by_path.get(_dict_path(kp), (None, None))
-    return s if shape == x.shape else replicated
-
-  return jax.tree.map_with_path(pick, abstract_opt_state)
-
 
 def abstract_params(cfg: ModelConfig):
   _, state = nnx.split(abstract_model(cfg))
@@ -196,13 +198,6 @@ def _any_process(flag: bool) -> bool:
   return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
 
 
-def _fmt_time(seconds: float) -> str:
-  seconds = int(seconds)
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
 @dataclasses.dataclass
 class TrainResult:
   step: int
@@ -211,9 +206,21 @@ class TrainResult:
   preempted: bool = False
 
 
+def check_finite(step: int, scalars: dict[str, float], ckpt: TrainCheckpointer) -> None:
+  """Raises TrainingStopped when a step's loss or gradient norm is NaN or infinite."""
+  if math.isfinite(scalars["loss"]) and math.isfinite(scalars["grad_norm"]):
+    return
+  raise TrainingStopped(
+      f"non-finite loss {scalars['loss']} or grad norm {scalars['grad_norm']} at step {step}; "
+      f"stopping. The newest checkpoint in {ckpt.root} (steps {ckpt.steps()}) predates it: "
+      "lower train.lr, raise train.warmup_ratio, set train.grad_clip, or train in float32 to "
+      "find the cause.")
+
+
 def run(model: Transformer | None, model_cfg: ModelConfig, optim_cfg: OptimConfig,
         cfg: TrainConfig, mesh, data: BatchIterator, workdir: str, *,
         run_config: dict | None = None, eval_data: Callable[[], Iterator] | None = None,
+        objective: Objective | None = None, frozen: Any = None,
         log: Callable[[str], None] = logging.info) -> TrainResult:
   """Trains to `cfg.num_steps`, resuming from `workdir` when it holds checkpoints.
 
@@ -226,15 +233,17 @@ def run(model: Transformer | None, model_cfg: ModelConfig, optim_cfg: OptimConfi
     workdir: checkpoints, metrics.jsonl and TensorBoard files go here.
     run_config: the run's full config (JSON-able), stored with each checkpoint.
     eval_data: returns a fresh iterator of validation batches, for the validation loss.
+    objective: what the step minimises (default: SFT, `SFTObjective`).
+    frozen: arrays held fixed beside the trained model and passed to the objective (e.g. a
+      teacher's parameters, placed on `mesh` with `sharding.param_shardings`).
     log: where progress lines go.
   """
   optimizer = make_optimizer(optim_cfg)
-  schedule = make_schedule(optim_cfg)
   graphdef = nnx.graphdef(abstract_model(model_cfg))
   abs_params = abstract_params(model_cfg)
-  p_shard = param_shardings(abs_params, mesh)
+  p_shard = sharding.param_shardings(abs_params, mesh)
   abs_opt = jax.eval_shape(optimizer.init, abs_params)
-  o_shard = opt_state_shardings(abs_opt, abs_params, mesh)
+  o_shard = sharding.opt_state_shardings(abs_opt, abs_params, mesh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   state_shard = TrainState(step=replicated, params=p_shard, opt_state=o_shard)
 
@@ -256,90 +265,63 @@ def run(model: Transformer | None, model_cfg: ModelConfig, optim_cfg: OptimConfi
     state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), params, opt_state)
     step = 0
 
-  train_step = jax.jit(make_train_step(graphdef, optimizer, schedule, cfg),
-                       in_shardings=(state_shard, None), out_shardings=(state_shard, None),
-                       donate_argnums=0)
+  train_step = jax.jit(
+      make_train_step(graphdef, optimizer, make_schedule(optim_cfg), cfg, objective),
+      in_shardings=(state_shard, None, None), out_shardings=(state_shard, None),
+      donate_argnums=0)
   eval_step = jax.jit(make_eval_step(graphdef, cfg), in_shardings=(p_shard, None))
   writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0)
-  flops_per_step = metrics.train_flops_per_token(model_cfg, cfg.seq_len) * (
-      cfg.global_batch_size * cfg.seq_len)
-  peak = metrics.device_peak_flops()
+  tokens_per_step = cfg.global_batch_size * cfg.seq_len
+  reporter = metrics.ProgressReporter(
+      writer, log, first_step=step + 1, num_steps=cfg.num_steps, log_every=cfg.log_every,
+      tokens_per_step=tokens_per_step,
+      flops_per_step=metrics.train_flops_per_token(model_cfg, cfg.seq_len) * tokens_per_step,
+      peak_flops=metrics.device_peak_flops())
   preemption = _Preemption()
   previous_handlers = preemption.install()
-  run_config = run_config or {}
-
-  def save(at_step, state):
-    ckpt.save(at_step, state.params, state.opt_state, model_cfg, data.get_state(), run_config)
-
   last: dict[str, float] = {}
-  window = [time.perf_counter(), 0]  # start time, steps since
 
-  def finish(p_step, p_metrics):
-    """Checks one step's metrics for NaN/Inf, and logs them on the logging cadence."""
+  def finish(at_step, step_metrics):
+    """Reads a dispatched step's metrics: stop if not finite, else report."""
     nonlocal last
-    last = {k: float(v) for k, v in jax.device_get(p_metrics).items()}
-    if not (math.isfinite(last["loss"]) and math.isfinite(last["grad_norm"])):
-      raise TrainingStopped(
-          f"non-finite loss {last['loss']} or grad norm {last['grad_norm']} at step {p_step}; "
-          f"stopping. The newest checkpoint in {ckpt.root} (steps {ckpt.steps()}) predates "
-          "it: lower train.lr, raise train.warmup_ratio, set train.grad_clip, or train in "
-          "float32 to find the cause.")
-    window[1] += 1
-    if p_step % cfg.log_every and p_step not in (first_step, cfg.num_steps):
-      return
-    now = time.perf_counter()
-    step_time = (now - window[0]) / window[1]
-    if p_step == first_step:  # its time is mostly compilation: no rate or ETA from it
-      writer.write(p_step, last)
-      log(f"step {p_step}/{cfg.num_steps} | loss {last['loss']:.4f} | grad "
-          f"{last['grad_norm']:.3f} | lr {last['lr']:.2e} | first step with compilation "
-          f"{step_time:.1f}s")
-      window[0], window[1] = now, 0
-      return
-    tokens_per_s = cfg.global_batch_size * cfg.seq_len / step_time
-    row = dict(last, step_time=step_time, tokens_per_s=tokens_per_s)
-    line = (f"step {p_step}/{cfg.num_steps} | loss {last['loss']:.4f} | "
-            f"grad {last['grad_norm']:.3f} | lr {last['lr']:.2e} | "
-            f"{tokens_per_s:,.0f} tok/s | {step_time * 1e3:.0f} ms/step")
-    if peak:
-      row["mfu"] = flops_per_step / step_time / (peak * jax.device_count())
-      line += f" | MFU {row['mfu']:.1%}"
-    line += f" | ETA {_fmt_time(step_time * (cfg.num_steps - p_step))}"
-    writer.write(p_step, row)
-    log(line)
-    window[0], window[1] = now, 0
+    last = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+    check_finite(at_step, last, ckpt)
+    reporter.step_done(at_step, last)
 
   saved_step = step
-  first_step = step + 1
   pending = None  # (step, metrics) of the step in flight, read after the next is dispatched
-  profiling = cfg.profile_steps[1] > cfg.profile_steps[0]
+  profile = range(*cfg.profile_steps)
   try:
     with jax.set_mesh(mesh):
       while step < cfg.num_steps and not _any_process(preemption.requested):
-        if profiling and step == cfg.profile_steps[0]:
+        if profile and step == profile.start:
           jax.profiler.start_trace(f"{workdir}/profile")
-        state, step_metrics = train_step(state, pipeline.make_global_batch(next(data), mesh))
+        state, step_metrics = train_step(state, pipeline.make_global_batch(next(data), mesh),
+                                         frozen)
         step += 1
-        if profiling and step == cfg.profile_steps[1]:
+        if profile and step == profile.stop:
           jax.profiler.stop_trace()
         if pending is not None:
           finish(*pending)
         pending = (step, step_metrics)
-        evaluate = bool(cfg.eval_every and eval_data and step % cfg.eval_every == 0)
-        if step % cfg.checkpoint_every == 0 or step == cfg.num_steps or evaluate:
+        validate = bool(cfg.eval_every and eval_data and step % cfg.eval_every == 0)
+        save = step % cfg.checkpoint_every == 0 or step == cfg.num_steps
+        if save or validate:
           finish(*pending)  # a state is saved only after its own step proved finite
           pending = None
-          if evaluate:
-            val = _validation_loss(eval_step, state.params, eval_data, mesh, cfg.eval_batches)
-            writer.write(step, {"val_loss": val})
-            log(f"step {step}: validation loss {val:.4f}")
-          if step % cfg.checkpoint_every == 0 or step == cfg.num_steps:
-            save(step, state)
-            saved_step = step
+        if validate:
+          val = _validation_loss(eval_step, state.params, eval_data, mesh, cfg.eval_batches)
+          writer.write(step, {"val_loss": val})
+          log(f"step {step}: validation loss {val:.4f}")
+        if save:
+          ckpt.save(step, state.params, state.opt_state, model_cfg, data.get_state(),
+                    run_config or {})
+          saved_step = step
       if pending is not None:
         finish(*pending)
       if step > saved_step:  # stopped by a signal between checkpoints
-        save(step, state)
+        ckpt.save(step, state.params, state.opt_state, model_cfg, data.get_state(),
+                  run_config or {})
         log(f"signal {preemption.signum}: checkpointed step {step} to {ckpt.root}; exiting")
   finally:
     for sig, handler in previous_handlers.items():

@@ -8,6 +8,7 @@ from flax import nnx
 
 from jaxdistill import attention, losses, model as model_lib, sharding
 from jaxdistill.model_config import ModelConfig
+from tests import defaults
 
 B, N, K, H = 2, 4, 2, 16
 
@@ -194,7 +195,7 @@ def test_32k_token_packed_row_trains_in_bounded_memory():
   state = train.TrainState(jnp.zeros((), jnp.int32), nnx.to_pure_dict(params),
                            optimizer.init(nnx.to_pure_dict(params)))
   step = jax.jit(train.make_train_step(
-      graphdef, optimizer, lambda s: 3e-3, train.TrainConfig(seq_len=t, loss_chunk=4096)),
+      graphdef, optimizer, lambda s: 3e-3, defaults.train_config(seq_len=t, loss_chunk=4096)),
       donate_argnums=0)
   pos, seg = packed_layout([[9000, 12000, 7000, 4000]], t)
   starts = np.repeat([3, 17, 41, 5, 0], [9000, 12000, 7000, 4000, t - 32000])  # then padding

@@ -6,7 +6,7 @@ import os
 import pytest
 from ml_collections import config_flags
 
-from jaxdistill import run
+from jaxdistill import main as main_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,7 +29,7 @@ def _config(**eval_overrides):
 def test_eval_writes_reports_and_resumes_to_the_same_summary(tmp_path, monkeypatch):
   monkeypatch.chdir(ROOT)
   c = _config()
-  full = run.main(c, str(tmp_path / "full"))
+  full = main_lib.run(c, str(tmp_path / "full"))
   assert set(full) == {"aime24", "math500"}
   for task in full:
     task_dir = tmp_path / "full" / "eval" / task
@@ -49,7 +49,7 @@ def test_eval_writes_reports_and_resumes_to_the_same_summary(tmp_path, monkeypat
   lines = (tmp_path / "full" / "eval" / "aime24" / "generations.jsonl").read_text()
   cut = lines.splitlines(keepends=True)
   (part / "generations.jsonl").write_text("".join(cut[:2]) + cut[2][:30])
-  again = run.main(c, str(tmp_path / "part"))
+  again = main_lib.run(c, str(tmp_path / "part"))
   for task in full:
     assert again[task]["accuracy"] == full[task]["accuracy"]
     a = json.loads((tmp_path / "part" / "eval" / task / "summary.json").read_text())
@@ -61,4 +61,4 @@ def test_eval_writes_reports_and_resumes_to_the_same_summary(tmp_path, monkeypat
 def test_unknown_task_is_a_clear_error(tmp_path, monkeypatch):
   monkeypatch.chdir(ROOT)
   with pytest.raises(ValueError, match=r"unknown evaluation task\(s\) \['aime23'\]"):
-    run.main(_config(tasks="aime23"), str(tmp_path))
+    main_lib.run(_config(tasks="aime23"), str(tmp_path))

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +13,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxdistill import hardware, memory, model as model_lib, sampler, sharding, train
+from jaxdistill import (attention, hardware, memory, metrics, model as model_lib, sampler,
+                        sharding, train)
 from jaxdistill.model_config import ModelConfig
-from jaxdistill.optimizer import OptimConfig, make_optimizer, make_schedule
+from jaxdistill.optimizer import make_optimizer, make_schedule
+from tests import defaults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(model_type="qwen2", vocab_size=512, d_model=64, num_layers=2, num_heads=4,
@@ -43,13 +46,13 @@ CASES = {
 def _compiled_train_step(cfg: ModelConfig, shape: memory.TrainShape, mesh_shape):
   """The trainer's jitted step (as train.run builds it), compiled for abstract inputs."""
   mesh = sharding.make_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
-  optim = OptimConfig(lr=1e-4, total_steps=100, warmup_steps=1, weight_decay=0.1)
+  optim = defaults.optim_config(lr=1e-4, total_steps=100, warmup_ratio=0.01, weight_decay=0.1)
   optimizer = make_optimizer(optim)
   graphdef = nnx.graphdef(model_lib.abstract_model(cfg))
   abs_params = train.abstract_params(cfg)
-  p_shard = train.param_shardings(abs_params, mesh)
+  p_shard = sharding.param_shardings(abs_params, mesh)
   abs_opt = jax.eval_shape(optimizer.init, abs_params)
-  o_shard = train.opt_state_shardings(abs_opt, abs_params, mesh)
+  o_shard = sharding.opt_state_shardings(abs_opt, abs_params, mesh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   state_shard = train.TrainState(step=replicated, params=p_shard, opt_state=o_shard)
   state = train.TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
@@ -59,9 +62,9 @@ def _compiled_train_step(cfg: ModelConfig, shape: memory.TrainShape, mesh_shape)
   batch = {k: jax.ShapeDtypeStruct((shape.global_batch_size, shape.seq_len),
                                    jnp.bool_ if k == "loss_mask" else jnp.int32, sharding=rows)
            for k in ("inputs", "targets", "loss_mask", "positions", "segment_ids")}
-  tcfg = train.TrainConfig(global_batch_size=shape.global_batch_size,
-                           micro_batches=shape.micro_batches, seq_len=shape.seq_len,
-                           loss_chunk=shape.loss_chunk)
+  tcfg = defaults.train_config(global_batch_size=shape.global_batch_size,
+                               micro_batches=shape.micro_batches, seq_len=shape.seq_len,
+                               loss_chunk=shape.loss_chunk)
   step = jax.jit(train.make_train_step(graphdef, optimizer, make_schedule(optim), tcfg),
                  in_shardings=(state_shard, None), out_shardings=(state_shard, None),
                  donate_argnums=0)
@@ -130,14 +133,6 @@ def test_eval_estimate_is_within_20_percent_of_the_decode_step():
   assert 0.8 <= ratio <= 1.2, (ratio, est.to_dict())
 
 
-def test_param_shapes_are_the_models():
-  for cfg in (ModelConfig(**TINY), ModelConfig(**dict(TINY, qkv_bias=False,
-                                                      tie_embeddings=True))):
-    want = {path: x.shape for path, x in model_lib.flat_params(
-        model_lib.abstract_model(cfg)).items()}
-    assert memory.param_shapes(cfg) == want
-
-
 def test_topologies():
   v5p = hardware.topology("v5p-128")
   assert (v5p.devices, v5p.chip.hbm_bytes, v5p.chip.platform) == (64, 95 * 10**9, "tpu")
@@ -145,8 +140,43 @@ def test_topologies():
   h100 = hardware.topology("8xH100")
   assert (h100.devices, h100.chip.platform) == (8, "gpu")
   assert memory.resolve_mesh((1, -1, 1, 8), 64) == (1, 8, 1, 8)
-  with pytest.raises(ValueError, match="unknown topology"):
+  assert hardware.topology("4xL40S").chip.peak_flops == 362e12
+  assert hardware.topology("8xA100-40GB").chip.hbm_bytes == 40960 * 2**20
+  with pytest.raises(ValueError, match="unknown topology '8xV100': use one of NxH100, "):
     hardware.topology("8xV100")
+  with pytest.raises(ValueError, match="two per device"):
+    hardware.topology("v5p-3")
+
+
+# jax.Device.device_kind as the runtimes report it -> the CHIPS key it must resolve to.
+DEVICE_KINDS = {
+    "NVIDIA H100 80GB HBM3": "H100",
+    "NVIDIA H100 PCIe": "H100-PCIe",
+    "NVIDIA H100 NVL": "H100-NVL",
+    "NVIDIA H200": "H200",
+    "NVIDIA A100-SXM4-80GB": "A100",
+    "NVIDIA A100 80GB PCIe": "A100",
+    "NVIDIA A100-SXM4-40GB": "A100-40GB",
+    "NVIDIA L40S": "L40S",
+    "TPU v4": "v4",
+    "TPU v5 lite": "v5e",
+    "TPU v5": "v5p",
+    "TPU v5p": "v5p",
+    "TPU v6 lite": "v6e",
+    "TPU v4 lite": None,  # the v4i inference chip, not a v4
+    "NVIDIA L40": None,
+    "cpu": None,
+}
+
+
+@pytest.mark.parametrize("kind", list(DEVICE_KINDS))
+def test_device_kinds_resolve_to_their_chip(kind):
+  """One chip table for the planner and MFU: each device kind finds its own chip (not the
+  first whose name it contains) or none, and MFU's peak is that chip's."""
+  device = types.SimpleNamespace(device_kind=kind)
+  want = DEVICE_KINDS[kind] and hardware.CHIPS[DEVICE_KINDS[kind]]
+  assert hardware.chip_for_device(device) == want
+  assert metrics.device_peak_flops(device) == (want.peak_flops if want else None)
 
 
 def _plan(*args):
@@ -167,3 +197,19 @@ def test_cli_suggestions_fit_when_applied():
   again = _plan("--config=configs/qwen2_5_7b_sft.py", "--topology=8xH100", one,
                 *first["flags"].split())
   assert again["train"]["fits"] and again["train"]["peak"] == first["peak"]
+
+
+def test_planner_resolves_attention_by_the_models_rule():
+  """attention.resolve is the one rule ("auto" by platform and length; a context axis > 1
+  overrides any choice); the planner plans for what it returns."""
+  t = attention.DENSE_MAX_T
+  assert [attention.resolve("auto", t, p) for p in ("tpu", "gpu", "cpu")] == [
+      "splash", "pallas_gpu", "dense"]
+  assert attention.resolve("auto", 2 * t, "cpu") == "blockwise"
+  assert attention.resolve("dense", 2 * t, "tpu") == "dense"
+  assert attention.resolve("splash", t, "tpu", context=2) == "context"
+  cfg = ModelConfig(**dict(TINY, attention="auto"))
+  for platform, mesh, want in (("tpu", (1, 1, 1, 1), "splash"), ("cpu", (1, 1, 1, 1), "dense"),
+                               ("gpu", (1, 1, 2, 1), "context")):
+    est = memory.estimate_train(cfg, memory.TrainShape(2, 256), mesh, platform)
+    assert f"attention {want}" in est.notes[0], (platform, est.notes)

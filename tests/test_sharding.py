@@ -152,3 +152,49 @@ def test_fold_context_keeps_devices_and_merges_context_into_data():
   # tp groups (the innermost axis, the fastest links) are unchanged
   assert {tuple(d.id for d in row) for row in folded.devices.reshape(-1, 2)} == {
       tuple(d.id for d in row) for row in mesh.devices.reshape(-1, 2)}
+
+
+# The planner has no devices: it lays parameters out on an AbstractMesh. Its per-device bytes
+# must be what the trainer's walk gives on real devices. kv heads (2) are fewer than tp (4) in
+# the first case, so k and v are replicated over tp; the second is tied and bias-free.
+ONE_WALK_CASES = [
+    ((1, 2, 1, 4), dict(qkv_bias=True, tie_embeddings=False)),
+    ((2, 4, 1, 1), dict(qkv_bias=False, tie_embeddings=True)),
+]
+
+
+@pytest.mark.parametrize("mesh_shape,fields", ONE_WALK_CASES)
+def test_state_pure_dict_and_planner_share_one_layout(mesh_shape, fields):
+  import optax  # pylint: disable=g-import-not-at-top
+  from jaxdistill import memory  # pylint: disable=g-import-not-at-top
+  cfg = ModelConfig(vocab_size=256, d_model=64, num_layers=2, num_heads=8, num_kv_heads=2,
+                    head_dim=16, mlp_dim=128, **fields)
+  mesh = sharding.make_mesh(mesh_shape)
+
+  def by_path(tree):
+    return {sharding.path_str(kp): x for kp, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+  _, state = nnx.split(model_lib.abstract_model(cfg))
+  pure = nnx.to_pure_dict(state)
+  from_state = by_path(sharding.param_shardings(state, mesh))
+  from_dict = by_path(sharding.param_shardings(pure, mesh))
+  assert from_state == from_dict
+  assert set(from_state) == set(model_lib.flat_params(model_lib.abstract_model(cfg)))
+  k_spec = from_state["layers/self_attn/k_proj/kernel"].spec
+  q_spec = from_state["layers/self_attn/q_proj/kernel"].spec
+  assert (q_spec[2], k_spec[2]) == ("tp", None if cfg.num_kv_heads % mesh_shape[3] else "tp")
+
+  # AdamW's moments take their parameter's layout; its step count is replicated.
+  opt = jax.eval_shape(optax.adamw(1e-3).init, pure)
+  opt_shardings = sharding.opt_state_shardings(opt, pure, mesh)
+  moments = [by_path(opt_shardings[0].mu), by_path(opt_shardings[0].nu)]
+  assert moments == [from_dict, from_dict]
+  assert opt_shardings[0].count.spec == jax.sharding.PartitionSpec()
+
+  # The planner's bytes on one device are what the trainer's layout puts on device 0 (placed
+  # for real: device_put slices host zeros, nothing compiles).
+  device0 = mesh.devices.flat[0]
+  held = sum(shard.data.nbytes for path, x in by_path(pure).items()
+             for shard in jax.device_put(np.zeros(x.shape, x.dtype), from_dict[path])
+             .addressable_shards if shard.device == device0)
+  assert memory.param_bytes(cfg, mesh_shape) == held

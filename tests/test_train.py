@@ -11,7 +11,7 @@ import pytest
 
 from jaxdistill import losses, model as model_lib, sharding, train
 from jaxdistill.model_config import ModelConfig
-from jaxdistill.optimizer import OptimConfig
+from tests import defaults
 from tests.trees import assert_trees_close
 
 CFG = ModelConfig(model_type="qwen2", vocab_size=128, d_model=32, num_layers=2, num_heads=4,
@@ -53,12 +53,15 @@ def _train(workdir, mesh_shape=(1, 1, 1, 1), steps=4, micro=1, batch=8, ckpt_eve
   devices = devices or jax.devices()[:int(np.prod([s for s in mesh_shape if s > 0]))]
   mesh = sharding.make_mesh(mesh_shape, devices)
   model = model_lib.create_model(CFG, mesh, seed=0)
-  cfg = train.TrainConfig(global_batch_size=batch, micro_batches=micro, num_steps=steps,
-                          seq_len=32, loss_chunk=8, log_every=1, checkpoint_every=ckpt_every,
-                          async_checkpoints=False, **train_kw)
-  optim = OptimConfig(lr=1e-2, total_steps=schedule_steps or steps, warmup_steps=1, weight_decay=0.1)
+  cfg = defaults.train_config(global_batch_size=batch, micro_batches=micro, num_steps=steps,
+                              seq_len=32, loss_chunk=8, log_every=1,
+                              checkpoint_every=ckpt_every, async_checkpoints=False)
+  total = schedule_steps or steps
+  optim = defaults.optim_config(lr=1e-2, total_steps=total, warmup_ratio=1 / total,
+                                weight_decay=0.1)
+  assert optim.warmup_steps == 1
   data = SyntheticBatches(batch, 32, CFG.vocab_size)
-  result = train.run(model, CFG, optim, cfg, mesh, data, str(workdir))
+  result = train.run(model, CFG, optim, cfg, mesh, data, str(workdir), **train_kw)
   curve = [json.loads(line)["loss"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
   return result, curve
 
@@ -149,9 +152,21 @@ def test_resume_equals_uninterrupted(six_steps, tmp_path):
   assert_trees_close(resumed.params, full.params)
 
 
+def _poisoned_at(step):
+  """The SFT objective, NaN at optimizer step `step` (0-based): a diverging run."""
+  sft = train.SFTObjective(loss_chunk=8, z_loss=0.0)
+
+  def objective(model, batch, at_step, frozen):
+    total, nll = sft(model, batch, at_step, frozen)
+    poison = jnp.where(at_step == step, jnp.nan, 1.0)
+    return total * poison, nll * poison
+
+  return objective
+
+
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
   with pytest.raises(train.TrainingStopped, match="non-finite loss nan .* at step 4"):
-    _train(tmp_path, (1, 1, 1, 1), steps=8, ckpt_every=2, inject_nan_at_step=3)
+    _train(tmp_path, (1, 1, 1, 1), steps=8, ckpt_every=2, objective=_poisoned_at(3))
   steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
   assert steps == [2]
 

@@ -33,7 +33,7 @@ from tools.benchlib import median_time  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("seq_lens", ["2048", "8192", "32768"], "Row lengths T.")
-flags.DEFINE_list("impls", ["dense", "blockwise"], "Implementations (attention.IMPLEMENTATIONS).")
+flags.DEFINE_list("impls", ["dense", "blockwise"], "Implementations (model_config.ATTENTION_IMPLS).")
 flags.DEFINE_integer("batch", 1, "Rows.")
 flags.DEFINE_integer("heads", 8, "Query heads N.")
 flags.DEFINE_integer("kv_heads", 4, "Key/value heads K.")

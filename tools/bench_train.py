@@ -10,6 +10,7 @@ target scored), with AdamW and global-norm clipping; the ratio printed is
 jaxdistill step time / PyTorch step time (below 1 means jaxdistill is faster).
 """
 
+import dataclasses
 import os
 import sys
 import tempfile
@@ -29,7 +30,9 @@ from flax import nnx  # noqa: E402
 from jaxdistill import hf, metrics, model as model_lib, sharding, train  # noqa: E402
 from jaxdistill.data import pipeline  # noqa: E402
 from jaxdistill.model_config import ATTENTION_IMPLS, REMAT_POLICIES, get_preset  # noqa: E402
-from jaxdistill.optimizer import OptimConfig, make_optimizer, make_schedule  # noqa: E402
+from jaxdistill.optimizer import make_optimizer, make_schedule  # noqa: E402
+from jaxdistill import settings  # noqa: E402
+from configs import base  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", None, "A run config (configs/*.py): use its model, batch, seq.")
@@ -49,10 +52,11 @@ flags.DEFINE_bool("vs_hf", False, "Also time transformers PyTorch eager + torch 
 def _settings():
   if FLAGS.config:
     from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-    from jaxdistill import run  # pylint: disable=g-import-not-at-top
+    from jaxdistill import startup  # pylint: disable=g-import-not-at-top
     c = config_flags.config_flags._ConfigFileParser(name="config").parse(FLAGS.config)  # pylint: disable=protected-access
-    cfg, _ = run.resolve_model_config(c, tempfile.mkdtemp())
-    return cfg, c.train.global_batch_size, c.data.seq_len, c.train.loss_chunk
+    s = settings.parse(c)
+    _, cfg = startup.find_weight_source(s, tempfile.mkdtemp())
+    return cfg, s.train.global_batch_size, s.data.seq_len, s.train.loss_chunk
   cfg = get_preset(FLAGS.preset)
   cfg = cfg.replace(param_dtype="float32", compute_dtype=FLAGS.dtype, remat=FLAGS.remat,
                     attention=FLAGS.attention)
@@ -76,10 +80,11 @@ def main(argv):
   if FLAGS.vs_hf:  # exported now: the jitted step donates (deletes) these parameters
     hf_dir = tempfile.mkdtemp()
     hf.save_hf_model(model, os.path.join(hf_dir, "m"), dtype="float32")
-  optim = OptimConfig(lr=1e-4, total_steps=1000, warmup_steps=0, weight_decay=0.01,
-                      grad_clip=1.0)
+  defaults = settings.parse(base.get_config())  # every other field at configs/base.py's value
+  optim = dataclasses.replace(defaults.optim, lr=1e-4, total_steps=1000, warmup_ratio=0.0,
+                              weight_decay=0.01, grad_clip=1.0)
   optimizer = make_optimizer(optim)
-  tcfg = train.TrainConfig(global_batch_size=b, seq_len=t, loss_chunk=chunk)
+  tcfg = dataclasses.replace(defaults.train, global_batch_size=b, seq_len=t, loss_chunk=chunk)
   graphdef = nnx.graphdef(model)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   state = train.TrainState(jnp.zeros((), jnp.int32), params, jax.jit(optimizer.init)(params))

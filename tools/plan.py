@@ -23,8 +23,9 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxdistill import hardware, memory, run  # noqa: E402
-from jaxdistill.model_config import get_preset  # noqa: E402
+import dataclasses  # noqa: E402
+
+from jaxdistill import hardware, memory, settings as settings_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config (configs/<name>.py).",
                                           lock_config=True)
@@ -41,30 +42,31 @@ flags.mark_flags_as_required(["config", "topology"])
 
 def plan(c, topo: hardware.Topology, margin: float, suggestions: int, prompt_len: int) -> dict:
   """Estimates, verdicts and suggestions for run config `c` on `topo`, as a JSON-able dict."""
-  cfg = get_preset(c.model.preset, **run.model_overrides(c))
-  mesh = memory.resolve_mesh(c.mesh.shape, topo.devices)
+  s = settings_lib.parse(c)
+  cfg = s.model.preset_config()
+  mesh = memory.resolve_mesh(s.mesh_shape, topo.devices)
   problems = []
-  try:
-    run.validate(c, cfg, mesh)
-  except ValueError as e:
-    problems = [line.strip(" -") for line in str(e).splitlines()[1:]]
-  shape = memory.TrainShape(global_batch_size=c.train.global_batch_size,
-                            seq_len=c.data.seq_len, micro_batches=c.train.micro_batches,
-                            loss_chunk=c.train.loss_chunk)
+  try:  # the training checks, whatever the config's mode
+    settings_lib.check_run(dataclasses.replace(s, mode="train"), cfg, mesh)
+  except settings_lib.ConfigError as e:
+    problems = e.problems
+  shape = memory.TrainShape(global_batch_size=s.train.global_batch_size,
+                            seq_len=s.data.seq_len, micro_batches=s.train.micro_batches,
+                            loss_chunk=s.train.loss_chunk)
   train = memory.estimate_train(cfg, shape, mesh, topo.chip.platform)
   # What the trainer refuses beyond what the estimator checks (and its suggestions avoid).
   other_problems = [p for p in problems if p not in train.problems]
   train.problems = list(dict.fromkeys(problems + train.problems))
-  eval_shape = memory.EvalShape(batch_size=c.eval.batch_size, num_samples=c.eval.num_samples,
-                                samples_at_once=c.eval.samples_at_once,
-                                max_new_tokens=c.eval.max_new_tokens, prompt_len=prompt_len,
-                                compute_dtype=c.eval.compute_dtype,
-                                cache_dtype=c.eval.cache_dtype)
-  evaluation = memory.estimate_eval(cfg.replace(compute_dtype=c.eval.compute_dtype), eval_shape,
+  e = s.eval
+  eval_shape = memory.EvalShape(batch_size=e.batch_size, num_samples=e.num_samples,
+                                samples_at_once=e.samples_at_once,
+                                max_new_tokens=e.max_new_tokens, prompt_len=prompt_len,
+                                compute_dtype=e.compute_dtype, cache_dtype=e.cache_dtype)
+  evaluation = memory.estimate_eval(cfg.replace(compute_dtype=e.compute_dtype), eval_shape,
                                     mesh)
   budget = int(topo.chip.hbm_bytes * (1 - margin))
   out = {
-      "model": {"preset": c.model.preset, "params": cfg.num_params(),
+      "model": {"preset": s.model.preset, "params": cfg.num_params(),
                 "param_dtype": cfg.param_dtype, "compute_dtype": cfg.compute_dtype,
                 "remat": cfg.remat, "attention": cfg.attention},
       "topology": {"name": topo.name, "devices": topo.devices, "chip": topo.chip.name,
@@ -78,12 +80,12 @@ def plan(c, topo: hardware.Topology, margin: float, suggestions: int, prompt_len
   }
   if not out["train"]["fits"]:
     out["train"]["suggestions"] = [
-        {"flags": s.flags(), "peak": s.estimate.peak, "cost": round(s.cost, 3)}
-        for s in memory.suggest(cfg, shape, mesh, topo.chip, margin, suggestions)]
+        {"flags": g.flags(), "peak": g.estimate.peak, "cost": round(g.cost, 3)}
+        for g in memory.suggest(cfg, shape, mesh, topo.chip, margin, suggestions)]
   if not out["eval"]["fits"]:
     out["eval"]["suggestions"] = [
-        {"flags": s.flags(), "peak": s.estimate.peak, "cost": round(s.cost, 3)}
-        for s in memory.suggest_eval(cfg.replace(compute_dtype=c.eval.compute_dtype),
+        {"flags": g.flags(), "peak": g.estimate.peak, "cost": round(g.cost, 3)}
+        for g in memory.suggest_eval(cfg.replace(compute_dtype=e.compute_dtype),
                                      eval_shape, mesh, topo.chip, margin, 3)]
   return out
 

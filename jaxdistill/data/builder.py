@@ -1,4 +1,4 @@
-"""From a run config's `data` section to the tokenizer, renderer and training/validation streams."""
+"""From a run's data settings to the tokenizer, renderer and training/validation streams."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
-import ml_collections
 
 from jaxdistill.data import chat, formats, packed_rows, pipeline, sources
 
@@ -18,6 +17,24 @@ from jaxdistill.data import chat, formats, packed_rows, pipeline, sources
 # (`ChatRenderer.identity`); the path may differ, a copy is the same tokenizer.
 _IDENTITY_KEYS = ("vocab_size", "tokenizer_sha256", "template", "template_sha256",
                   "turn_end_id")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+  """The `data` section of a run config, typed (defaults: configs/base.py)."""
+  sources: str  # comma-separated paths/globs, "path@weight" for a mixture, or tfds:NAME
+  format: str  # formats.py: "auto" | "messages" | "sharegpt" | ...
+  tokenizer: str  # HF tokenizer directory or SentencePiece .model
+  chat_template: str
+  seq_len: int
+  packing: str
+  overlong: str
+  shuffle: bool
+  validation_sources: str
+  workers: int
+  prefetch: int
+  strict: bool
+  num_epochs: float  # passes over the data when the step count is derived from it
 
 
 @dataclasses.dataclass
@@ -95,11 +112,11 @@ def _describe(identity: dict) -> str:
           f"(sha256 {identity.get('template_sha256', '?')[:12]})")
 
 
-def _data_config(c: ml_collections.ConfigDict, srcs, *, num_epochs, shuffle=None):
-  d = c.data
+def _data_config(d: DataSettings, srcs, *, global_batch_size: int, seed: int, num_epochs,
+                 shuffle=None):
   return pipeline.DataConfig(
-      sources=srcs, seq_len=d.seq_len, global_batch_size=c.train.global_batch_size,
-      num_epochs=num_epochs, seed=c.seed, shuffle=d.shuffle if shuffle is None else shuffle,
+      sources=srcs, seq_len=d.seq_len, global_batch_size=global_batch_size,
+      num_epochs=num_epochs, seed=seed, shuffle=d.shuffle if shuffle is None else shuffle,
       packing=d.packing, overlong=d.overlong, strict=d.strict, num_workers=d.workers,
       prefetch_batches=d.prefetch)
 
@@ -149,42 +166,36 @@ def _planned_steps(cfg, fn, renderer, workdir: str | None) -> int:
   return plan.steps
 
 
-def build_training_data(c: ml_collections.ConfigDict, workdir: str | None = None
-                        ) -> TrainingData:
-  """The tokenizer, renderer and streams a run config asks for.
+def build_training_data(d: DataSettings, *, global_batch_size: int, num_steps: int, seed: int,
+                        workdir: str | None = None) -> TrainingData:
+  """The tokenizer, renderer and streams of a run.
 
-  The number of steps is `train.num_steps` when set; otherwise `train.num_epochs` passes over
+  The number of steps is `num_steps` when positive; otherwise `d.num_epochs` passes over
   the data, counted by packing the whole run's lengths once (`pipeline.plan_steps`, which
   renders every record) and remembered in `workdir/data_plan.json` under the data's
   fingerprint, so a resumed run does not render everything again before its first step.
   Pre-packed sources are counted without reading a row. Pre-tokenised sources made with
-  another tokenizer or template than `data.tokenizer`/`data.chat_template` are refused
+  another tokenizer or template than `d.tokenizer`/`d.chat_template` are refused
   (`check_prepared`).
   """
-  d = c.data
-  tokenizer_path = d.tokenizer or c.init.hf_dir
-  if not tokenizer_path:
+  if not d.tokenizer:
     raise ValueError("no tokenizer: set data.tokenizer (a Hugging Face tokenizer directory or "
                      "a SentencePiece .model) or init.hf_dir")
-  tokenizer = chat.load_tokenizer(tokenizer_path)
+  tokenizer = chat.load_tokenizer(d.tokenizer)
   renderer = chat.ChatRenderer(tokenizer, d.chat_template)
   fn = example_fn(renderer, d.format, formats.FormatSpec())
   srcs = parse_sources(d.sources)
   val_srcs = parse_sources(d.validation_sources) if d.validation_sources else ()
   check_prepared([s.path for s in srcs + val_srcs], renderer)
-  if c.train.num_steps > 0:
-    cfg = _data_config(c, srcs, num_epochs=None)
-    num_steps = c.train.num_steps
+  common = dict(global_batch_size=global_batch_size, seed=seed)
+  if num_steps > 0:
+    cfg = _data_config(d, srcs, num_epochs=None, **common)
   else:
-    epochs = c.train.num_epochs
-    if int(epochs) != epochs or epochs < 1:
-      raise ValueError(f"train.num_epochs={epochs} must be a whole number >= 1 when "
-                       "train.num_steps is 0 (or set train.num_steps)")
-    cfg = _data_config(c, srcs, num_epochs=int(epochs))
+    cfg = _data_config(d, srcs, num_epochs=int(d.num_epochs), **common)
     num_steps = _planned_steps(cfg, fn, renderer, workdir)
   validation = None
   if val_srcs:
-    val_cfg = _data_config(c, val_srcs, num_epochs=1, shuffle=False)
+    val_cfg = _data_config(d, val_srcs, num_epochs=1, shuffle=False, **common)
     validation = lambda: pipeline.DataIterator(val_cfg, fn)  # noqa: E731
   return TrainingData(train=pipeline.DataIterator(cfg, fn), num_steps=num_steps,
                       validation=validation, renderer=renderer,

@@ -61,7 +61,7 @@ from typing import Any, NamedTuple, TextIO
 import numpy as np
 
 from jaxdistill.data import builder, chat, formats, packing, pipeline, sources
-from jaxdistill.data.packed_rows import PACKED_FORMAT, STATS_FILE, encode_packed_row
+from jaxdistill.data.packed_rows import STATS_FILE, encode_packed_row
 
 STATS_FORMAT = "jaxdistill.prepared.v1"
 # The writer options of `sources.write_array_record`: one record per group, so every read

@@ -1,21 +1,23 @@
 """Orchestrates the demo: teacher data and tokenizer, SFT through the real trainer, evaluation
-of the trained and untrained student on held-out problems, and the report.
+of the trained and untrained student on held-out problems through `jaxdistill/evaluate.py`,
+and the report.
 
 Every phase leaves its output in the workdir and is skipped when that output is there, so
-running the command again resumes an interrupted run (training resumes from its checkpoint)
-or, for a finished one, prints the report.
+running the command again resumes an interrupted run (training resumes from its checkpoint,
+sampling from the generations already written) or, for a finished one, prints the report.
 
 workdir/
   data/train.jsonl, data/heldout.jsonl, data/tokenizer.model   teacher output
   checkpoints/, metrics.jsonl, manifest.json                   the trainer's
-  demo/untrained_greedy.jsonl, demo/greedy.jsonl, demo/maj.jsonl   graded generations
+  demo/untrained/heldout/, demo/trained/heldout/, demo/trained/heldout_maj/
+                          evaluate.py's per-task outputs (generations, graded.jsonl, summary)
   demo/times.json                                              wall time of each phase
   report.md, summary.json, loss.png
 """
 
 from __future__ import annotations
 
-import collections
+import dataclasses
 import io
 import json
 import logging
@@ -23,72 +25,52 @@ import os
 import time
 
 import jax
-import ml_collections
 
-from jaxdistill import checkpoint, generate, model as model_lib, sharding, train
-from jaxdistill import run as run_lib
+from jaxdistill import apps, checkpoint, evaluate as evaluate_lib, startup, train
 from jaxdistill.data import builder, chat
 from jaxdistill.demo import teacher
-from jaxdistill.eval import grade as grade_lib
 from jaxdistill.model_config import ModelConfig
-from jaxdistill.sampler import Sampler, SamplingConfig
+from jaxdistill.settings import Settings
 
 SYMBOLS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 KIND = "amc"  # signed integer answers
 
 
-def resolve(c: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-  """A copy of `c` with the preset's lengths and the demo's batch filled in, and the data
-  paths in `workdir`."""
-  c = ml_collections.ConfigDict(c.to_dict())
-  d = c.demo
-  if d.preset not in d.presets:
-    raise ValueError(f"demo.preset={d.preset!r} is not one of {sorted(d.presets)}")
-  preset = d.presets[d.preset]
-  d.num_steps = d.num_steps or preset.num_steps
-  d.num_traces = d.num_traces or preset.num_traces
-  c.train.num_steps = d.num_steps
-  c.train.global_batch_size = d.batch_size
-  c.data.sources = os.path.join(workdir, "data", "train.jsonl")
-  c.data.tokenizer = os.path.join(workdir, "data", "tokenizer.model")
-  return c
+def resolve(s: Settings, workdir: str) -> Settings:
+  """`s` with the demo's length and its data paths in `workdir` filled in."""
+  data = dataclasses.replace(s.data, sources=os.path.join(workdir, "data", "train.jsonl"),
+                             tokenizer=os.path.join(workdir, "data", "tokenizer.model"))
+  return dataclasses.replace(s, data=data).with_num_steps(s.demo.num_steps)
 
 
-def families(c) -> list[str]:
-  return [f.strip() for f in c.demo.families.split(",") if f.strip()]
-
-
-def student_config(c, vocab_size: int) -> ModelConfig:
-  m = c.demo.model
-  return ModelConfig(
-      model_type="qwen2", vocab_size=vocab_size, d_model=m.d_model, num_layers=m.num_layers,
-      num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, head_dim=m.d_model // m.num_heads,
-      mlp_dim=m.mlp_dim, rms_eps=1e-6, max_position_embeddings=m.max_position_embeddings,
-      qkv_bias=True, tie_embeddings=True, compute_dtype=c.model.compute_dtype,
-      param_dtype=c.model.param_dtype, attention=c.model.attention,
-      attention_block=c.model.attention_block, remat=c.model.remat)
+def student_config(s: Settings, vocab_size: int) -> ModelConfig:
+  """The model.* student, its vocabulary the demo tokenizer's unless model.vocab_size says."""
+  cfg = s.model.preset_config()
+  if "vocab_size" not in dict(s.model.architecture):
+    cfg = cfg.replace(vocab_size=vocab_size)
+  return cfg
 
 
 # -- Phases ------------------------------------------------------------------------------------
 
 
-def make_data(c, workdir: str) -> None:
+def make_data(s: Settings, workdir: str) -> None:
   """Held-out problems, training traces and the tokenizer, unless already in workdir/data."""
   data_dir = os.path.join(workdir, "data")
-  if os.path.exists(c.data.tokenizer):
+  if os.path.exists(s.data.tokenizer):
     return
   os.makedirs(data_dir, exist_ok=True)
-  fams = families(c)
-  held = teacher.held_out(fams, c.demo.eval_per_family, c.demo.data_seed)
+  d = s.demo
+  held = teacher.held_out(d.families, d.eval_per_family, d.data_seed)
   held_keys = {teacher.key_of(r) for r in held}
-  traces = teacher.training(fams, c.demo.num_traces, c.demo.data_seed, held_keys)
+  traces = teacher.training(d.families, d.num_traces, d.data_seed, held_keys)
   train_problems = {t["messages"][0]["content"] for t in traces}
   overlap = [r["id"] for r in held if teacher.user_turn(r["problem"]) in train_problems]
   assert not overlap, f"held-out problems in the training set: {overlap[:5]}"
   teacher.write_jsonl(held, os.path.join(data_dir, "heldout.jsonl"))
   teacher.write_jsonl(traces, os.path.join(data_dir, "train.jsonl"))
-  train_tokenizer([m["content"] for t in traces for m in t["messages"]], c.data.tokenizer,
-                  c.demo.vocab_size)
+  train_tokenizer([m["content"] for t in traces for m in t["messages"]], s.data.tokenizer,
+                  d.vocab_size)
 
 
 def train_tokenizer(corpus: list[str], path: str, vocab_size: int) -> None:
@@ -106,72 +88,60 @@ def train_tokenizer(corpus: list[str], path: str, vocab_size: int) -> None:
   os.replace(path + ".tmp", path)  # its presence marks the data as complete
 
 
-def train_student(c, workdir: str, cfg: ModelConfig, mesh) -> int:
+def train_student(run: startup.Run) -> int:
   """SFT through the real trainer; returns the final step (resumes, or skips when done)."""
-  ckpt = checkpoint.TrainCheckpointer(workdir, async_save=False)
-  try:
-    steps = ckpt.steps()
-  finally:
-    ckpt.close()
-  if steps and steps[-1] >= c.train.num_steps:
-    return steps[-1]
-  data = builder.build_training_data(c, workdir)
-  run_lib.write_manifest(c, workdir, cfg, mesh, "demo: random init of the student",
-                         data.fingerprint)
-  model = None if steps else model_lib.create_model(cfg, mesh, seed=c.seed)
-  result = train.run(model, cfg, run_lib.optim_config(c, data.num_steps),
-                     run_lib.train_config(c, data.num_steps), mesh, data.train, workdir,
-                     run_config=json.loads(c.to_json_best_effort()), log=logging.info)
+  s, workdir = run.settings, run.workdir
+  if run.source.kind == "resume" and run.source.step >= s.train.num_steps:
+    return run.source.step
+  data = builder.build_training_data(s.data, global_batch_size=s.train.global_batch_size,
+                                     num_steps=s.train.num_steps, seed=s.seed,
+                                     workdir=workdir)
+  startup.write_manifest(run, data.fingerprint)
+  model = None if run.source.kind == "resume" else startup.load_weights(
+      run.source, run.model_config, run.mesh, s.seed)
+  result = train.run(model, run.model_config, s.optim, s.train, run.mesh, data.train, workdir,
+                     run_config=json.loads(s.config_json), log=logging.info)
   if result.preempted:
     raise SystemExit(f"stopped by a signal at step {result.step}; run the same command to "
                      "resume")
   return result.step
 
 
-def evaluate(model, mesh, renderer: chat.ChatRenderer, held: list[dict], path: str, *,
-             max_new_tokens: int, batch_size: int, num_samples: int = 1,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[dict]:
-  """Samples and grades every held-out problem; the graded rows go to `path` (reused when
-  there). Each row: id, family, answer, responses, correct (per sample), thinking_tokens
-  (per sample), majority_correct."""
-  if os.path.exists(path):
-    return teacher.read_jsonl(path)
-  tokenizer = renderer.tokenizer
-  cfg = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                       stop_ids=generate.stop_ids(renderer), vocab_size=tokenizer.vocab_size)
-  prompts = [renderer.encode_prompt([{"role": "user", "content": teacher.user_turn(
-      r["problem"])}]).tolist() for r in held]
-  samples = Sampler.from_model(model, mesh).generate(
-      prompts, cfg, num_samples=num_samples, seed=seed, batch_size=batch_size)
-  end_think = tokenizer.token_to_id("</think>")
-  rows = []
-  with grade_lib.SymbolicChecker(workers=1) as checker:
-    for problem, outs in zip(held, samples):
-      texts = [tokenizer.decode(s.tokens.tolist()) for s in outs]
-      verdicts = [grade_lib.grade(t, problem["answer"], KIND, s.finish_reason, checker=checker)
-                  for t, s in zip(texts, outs)]
-      votes = collections.Counter(v.vote_key for v in verdicts if v.vote_key is not None)
-      gold = grade_lib.gold_vote_key(problem["answer"], KIND)
-      thinking = [list(s.tokens).index(end_think) if end_think in s.tokens else len(s.tokens)
-                  for s in outs]
-      rows.append({"id": problem["id"], "family": problem["family"],
-                   "answer": problem["answer"], "responses": texts,
-                   "correct": [v.correct for v in verdicts],
-                   "reasons": [v.reason for v in verdicts], "thinking_tokens": thinking,
-                   "majority_correct": bool(votes) and votes.most_common(1)[0][0] == gold})
-  teacher.write_jsonl(rows, path + ".tmp")
-  os.replace(path + ".tmp", path)
-  return rows
+def evaluate(s: Settings, sampler, renderer: chat.ChatRenderer, held: list[dict], out_dir: str,
+             name: str, *, num_samples: int = 1, temperature: float = 0.0,
+             top_p: float = 1.0) -> dict:
+  """Samples and grades the held-out problems through evaluate.py into `out_dir/name/`;
+  returns its summary (per-family figures under "by_group")."""
+  problems = tuple(dict(r, problem=teacher.user_turn(r["problem"])) for r in held)
+  task = evaluate_lib.Task(name, KIND, problems, group_by="family")
+  cfg = dataclasses.replace(
+      s.eval, tasks=(), num_samples=num_samples, temperature=temperature, top_p=top_p,
+      top_k=0, greedy=False, max_new_tokens=s.demo.max_new_tokens,
+      batch_size=s.demo.eval_batch_size, samples_at_once=0, limit=0, instruction="",
+      grading_workers=1)
+  return evaluate_lib.evaluate(sampler, renderer, cfg, out_dir, task_list=[task],
+                               model_description={"model": "demo student"},
+                               log=logging.info)[name]
 
 
-def accuracy(rows: list[dict], fams: list[str], field: str = "greedy") -> dict:
-  """Overall and per-family accuracy: of the first sample ("greedy") or the majority vote."""
-  def score(r):
-    return r["majority_correct"] if field == "majority" else r["correct"][0]
-  out = {"overall": sum(map(score, rows)) / len(rows)}
-  for f in fams:
-    sub = [r for r in rows if r["family"] == f]
-    out[f] = sum(map(score, sub)) / len(sub) if sub else None
+def accuracy(summary: dict, fams, field: str = "accuracy") -> dict:
+  """Overall and per-family accuracy: of the samples ("accuracy") or the majority vote over
+  all of them ("maj")."""
+  def score(x):
+    return x["maj@k"][str(x["n_min"])] if field == "maj" else x["accuracy"]
+  return {"overall": score(summary), **{f: score(summary["by_group"][f]) if f in summary[
+      "by_group"] else None for f in fams}}
+
+
+def thinking_tokens(task_dir: str, end_think_id: int) -> dict[str, list[int]]:
+  """Tokens before `</think>` (all, when it never came) of each sample, by family."""
+  out: dict[str, list[int]] = {}
+  with open(os.path.join(task_dir, "generations.jsonl"), encoding="utf-8") as f:
+    for line in f:
+      row = json.loads(line)
+      for ids in row["completion_token_ids"]:
+        n = ids.index(end_think_id) if end_think_id in ids else len(ids)
+        out.setdefault(row["family"], []).append(n)
   return out
 
 
@@ -224,7 +194,7 @@ def write_report(summary: dict, path: str) -> None:
   lines += ["", f"Wall time (s) on {summary['devices']}: " + ", ".join(
       f"{k} {v:.0f}" for k, v in times.items()) + " (phases only; start-up not counted)", "",
             f"Final training loss {summary['final_loss']:.4f}. Loss curve: `loss.png`; "
-            "generations: `demo/*.jsonl`.", ""]
+            "generations and grades: `demo/<untrained|trained>/<task>/`.", ""]
   with open(path, "w", encoding="utf-8") as f:
     f.write("\n".join(lines))
 
@@ -248,7 +218,7 @@ class _Times:
       json.dump(self.times, f, indent=2)
 
 
-def main(c: ml_collections.ConfigDict, workdir: str) -> dict:
+def main(s: Settings, workdir: str) -> dict:
   """Runs (or resumes, or reports) the demo in `workdir`; returns the summary."""
   summary_path = os.path.join(workdir, "summary.json")
   report_path = os.path.join(workdir, "report.md")
@@ -257,69 +227,69 @@ def main(c: ml_collections.ConfigDict, workdir: str) -> dict:
       logging.info("finished run in %s:\n%s", workdir, f.read())
     with open(summary_path) as f:
       return json.load(f)
-  c = resolve(c, workdir)
-  os.makedirs(os.path.join(workdir, "demo"), exist_ok=True)
-  times = _Times(os.path.join(workdir, "demo", "times.json"))
-  fams = families(c)
-  d = c.demo
+  s = resolve(s, workdir)
+  d = s.demo
+  demo_dir = os.path.join(workdir, "demo")
+  os.makedirs(demo_dir, exist_ok=True)
+  times = _Times(os.path.join(demo_dir, "times.json"))
 
   start = time.perf_counter()
-  make_data(c, workdir)
+  make_data(s, workdir)
   times.add("data", start)
   held = teacher.read_jsonl(os.path.join(workdir, "data", "heldout.jsonl"))
-  renderer = chat.ChatRenderer(chat.load_tokenizer(c.data.tokenizer), c.data.chat_template)
-  cfg = student_config(c, renderer.tokenizer.vocab_size)
-  mesh = sharding.make_mesh(list(c.mesh.shape))
-  run_lib.validate(c, cfg, tuple(mesh.shape.values()))
+  renderer = chat.ChatRenderer(chat.load_tokenizer(s.data.tokenizer), s.data.chat_template)
+  run = startup.start(s, workdir, student_config(s, renderer.tokenizer.vocab_size))
+  cfg = run.model_config
   logging.info("demo (%s): %d traces, %d steps; student %s parameters", d.preset,
-               d.num_traces, c.train.num_steps, f"{cfg.num_params():,}")
-  eval_args = dict(max_new_tokens=d.max_new_tokens, batch_size=d.eval_batch_size)
-  demo_dir = os.path.join(workdir, "demo")
+               d.num_traces, s.train.num_steps, f"{cfg.num_params():,}")
 
   untrained = None
   if d.untrained:
     start = time.perf_counter()
-    untrained = evaluate(model_lib.create_model(cfg, mesh, seed=c.seed), mesh, renderer,
-                         held, os.path.join(demo_dir, "untrained_greedy.jsonl"), **eval_args)
+    untrained_model = startup.load_weights(startup.WeightSource("random", "", None, s.model.preset),
+                                           cfg, run.mesh, s.seed)
+    untrained = evaluate(s, apps.sampler_for(untrained_model, run.mesh, cfg.compute_dtype),
+                         renderer, held, os.path.join(demo_dir, "untrained"), "heldout")
     times.add("eval_untrained", start)
-    logging.info("untrained greedy accuracy %s", accuracy(untrained, fams))
+    logging.info("untrained greedy accuracy %s", accuracy(untrained, d.families))
 
   start = time.perf_counter()
-  step = train_student(c, workdir, cfg, mesh)
+  step = train_student(run)
   times.add("train", start)
 
   start = time.perf_counter()
-  model = checkpoint.load_model(workdir, mesh)
-  greedy = evaluate(model, mesh, renderer, held, os.path.join(demo_dir, "greedy.jsonl"),
-                    **eval_args)
+  sampler = apps.sampler_for(checkpoint.load_model(workdir, run.mesh), run.mesh,
+                             cfg.compute_dtype)
+  trained_dir = os.path.join(demo_dir, "trained")
+  greedy = evaluate(s, sampler, renderer, held, trained_dir, "heldout")
   times.add("eval_greedy", start)
-  logging.info("trained greedy accuracy %s", accuracy(greedy, fams))
+  logging.info("trained greedy accuracy %s", accuracy(greedy, d.families))
   maj = None
   if d.maj_k:
     start = time.perf_counter()
-    maj_held = [r for f in fams for r in [r for r in held if r["family"] == f][
+    maj_held = [r for f in d.families for r in [r for r in held if r["family"] == f][
         :d.maj_per_family]]
-    maj = evaluate(model, mesh, renderer, maj_held, os.path.join(demo_dir, "maj.jsonl"),
-                   num_samples=d.maj_k, temperature=d.maj_temperature, top_p=d.maj_top_p,
-                   seed=c.eval.seed, **eval_args)
+    maj = evaluate(s, sampler, renderer, maj_held, trained_dir, "heldout_maj", num_samples=d.maj_k,
+                   temperature=d.maj_temperature, top_p=d.maj_top_p)
     times.add("eval_maj", start)
 
-  traces = teacher.read_jsonl(c.data.sources)
+  traces = teacher.read_jsonl(s.data.sources)
   end_think = "</think>"
   train_thinking = sum(len(renderer.tokenizer.encode(t["messages"][1]["content"].split(
       end_think)[0])) for t in traces[:500]) / min(len(traces), 500)
-  thinking = {f: _mean([n for r in greedy if r["family"] == f for n in r["thinking_tokens"]])
-              for f in fams}
-  thinking["overall"] = _mean([n for r in greedy for n in r["thinking_tokens"]])
+  by_family = thinking_tokens(os.path.join(trained_dir, "heldout"),
+                              renderer.tokenizer.token_to_id(end_think))
+  thinking = {f: _mean(by_family.get(f, [])) for f in d.families}
+  thinking["overall"] = _mean([n for ns in by_family.values() for n in ns])
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     final_loss = [json.loads(line) for line in f if "loss" in line][-1]["loss"]
   summary = {
-      "preset": d.preset, "families": fams, "steps": step, "num_traces": d.num_traces,
-      "heldout_per_family": d.eval_per_family,
+      "preset": d.preset, "families": list(d.families), "steps": step,
+      "num_traces": d.num_traces, "heldout_per_family": d.eval_per_family,
       "model": cfg.to_dict() | {"num_params": cfg.num_params()},
-      "greedy_accuracy": accuracy(greedy, fams),
-      "untrained_accuracy": accuracy(untrained, fams) if untrained else None,
-      "maj_accuracy": accuracy(maj, fams, "majority") if maj else None,
+      "greedy_accuracy": accuracy(greedy, d.families),
+      "untrained_accuracy": accuracy(untrained, d.families) if untrained else None,
+      "maj_accuracy": accuracy(maj, d.families, "maj") if maj else None,
       "maj_k": d.maj_k, "maj_temperature": d.maj_temperature,
       "maj_per_family": d.maj_per_family,
       "thinking_tokens": thinking, "train_thinking_tokens": train_thinking,

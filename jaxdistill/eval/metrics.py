@@ -163,6 +163,26 @@ def summarize(problems: Sequence[Sequence[Verdict]], *,
   return out
 
 
+def summarize_groups(problems: Sequence[Sequence[Verdict]], labels: Sequence[str], *,
+                     tokens: Sequence[Sequence[int]] | None = None,
+                     greedy: Sequence[Verdict | None] | None = None) -> dict[str, dict]:
+  """`summarize` of each group of problems: {label: summary}, labels in first-seen order.
+
+  Args:
+    problems, tokens, greedy: as in `summarize`.
+    labels: one group label per problem (a MATH level, a demo family).
+  """
+  if len(labels) != len(problems):
+    raise ValueError(f"{len(labels)} labels for {len(problems)} problems")
+  out = {}
+  for label in dict.fromkeys(labels):
+    idx = [i for i, x in enumerate(labels) if x == label]
+    out[label] = summarize([problems[i] for i in idx],
+                           tokens=None if tokens is None else [tokens[i] for i in idx],
+                           greedy=None if greedy is None else [greedy[i] for i in idx])
+  return out
+
+
 def _mean_tokens(problems: Sequence[Sequence[Verdict]], tokens: Sequence[Sequence[int]]) -> float:
   if len(tokens) != len(problems) or any(len(t) != len(vs) for t, vs in zip(tokens, problems)):
     raise ValueError("tokens must have one count per sample, shaped like the verdicts")

@@ -1,0 +1,88 @@
+"""The applications `main.py` picks by mode: `train`, `eval` and `train_and_eval` (the demo's
+is `demo/run.py`). Each takes typed settings and a workdir."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import jax
+from flax import nnx
+
+from jaxdistill import checkpoint, evaluate as evaluate_lib, model as model_lib, sharding
+from jaxdistill import startup, train as train_lib
+from jaxdistill.data import builder, chat
+from jaxdistill.sampler import Sampler
+from jaxdistill.settings import Settings
+
+
+def train(s: Settings, workdir: str) -> train_lib.TrainResult:
+  """Trains to the end (resuming from `workdir` when it holds checkpoints)."""
+  run = startup.start(s, workdir)
+  data = builder.build_training_data(s.data, global_batch_size=s.train.global_batch_size,
+                                     num_steps=s.train.num_steps, seed=s.seed,
+                                     workdir=workdir)
+  s = s.with_num_steps(data.num_steps)
+  logging.info("training %d steps of %d rows x %d tokens", s.train.num_steps,
+               s.train.global_batch_size, s.data.seq_len)
+  startup.write_manifest(run, data.fingerprint)
+  model = None if run.source.kind == "resume" else startup.load_weights(
+      run.source, run.model_config, run.mesh, s.seed)
+  result = train_lib.run(model, run.model_config, s.optim, s.train, run.mesh, data.train,
+                         workdir, run_config=json.loads(s.config_json),
+                         eval_data=data.validation, log=logging.info)
+  if result.preempted:
+    logging.info("stopped by a signal at step %d; run the same command to resume", result.step)
+  return result
+
+
+def train_and_eval(s: Settings, workdir: str) -> train_lib.TrainResult:
+  """Trains, then evaluates the final step on `eval.tasks`."""
+  result = train(s, workdir)
+  if not result.preempted:
+    mesh = sharding.make_mesh(list(s.mesh_shape))
+    model = checkpoint.load_model(workdir, mesh, **s.model.overrides())
+    source = startup.WeightSource("resume", checkpoint.checkpoint_root(workdir), result.step)
+    evaluate_model(s, model, mesh, workdir, source)
+  return result
+
+
+def evaluate(s: Settings, workdir: str) -> dict:
+  """Evaluates the run's weights (resumed, init.checkpoint or init.hf_dir) on `eval.tasks`."""
+  run = startup.start(s, workdir)
+  model = startup.load_weights(run.source, run.model_config, run.mesh, s.seed)
+  return evaluate_model(s, model, run.mesh, workdir, run.source)
+
+
+def evaluate_model(s: Settings, model: model_lib.Transformer, mesh, workdir: str,
+                   source: startup.WeightSource) -> dict:
+  """Evaluates `model` on `eval.tasks` into workdir/eval/ (resumable). The model is handed
+  to the sampler, which takes over its weights: do not use it afterwards."""
+  if not s.data.tokenizer:
+    raise ValueError("evaluation needs a tokenizer: set data.tokenizer or init.hf_dir")
+  renderer = chat.ChatRenderer(chat.load_tokenizer(s.data.tokenizer), s.data.chat_template)
+  if renderer.tokenizer.vocab_size > model.config.vocab_size:
+    raise ValueError(f"the tokenizer ({s.data.tokenizer}) has {renderer.tokenizer.vocab_size} "
+                     f"tokens but the model only {model.config.vocab_size}: they do not belong "
+                     "together")
+  sampler = sampler_for(model, mesh, s.eval.compute_dtype)
+  description = {"init": str(source), "compute_dtype": s.eval.compute_dtype,
+                 "param_dtype": model.config.param_dtype, "cache_dtype": s.eval.cache_dtype}
+  return evaluate_lib.evaluate(sampler, renderer, s.eval, f"{workdir}/eval",
+                               model_description=description, log=logging.info)
+
+
+def sampler_for(model: model_lib.Transformer, mesh, compute_dtype: str) -> Sampler:
+  """A sampler over `model`'s weights (taken over: the model must not be used again),
+  computing in `compute_dtype`, with rows split over the mesh's data axes."""
+  if compute_dtype != model.config.compute_dtype:
+    abstract = model_lib.abstract_model(model.config.replace(compute_dtype=compute_dtype))
+    model = nnx.merge(nnx.graphdef(abstract), nnx.state(model))
+  if mesh.shape["context"] > 1:  # decoding is one token a step: the context devices take rows
+    mesh = sharding.fold_context(mesh)
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(state, sharding.param_shardings(state, mesh))
+    model = nnx.merge(graphdef, state)
+    logging.info("evaluating on mesh %s (context folded into data)", sharding.describe(mesh))
+  return Sampler.from_model(model, mesh, consume=True)
+

@@ -1,0 +1,141 @@
+"""What every application does first: find where the weights come from (a value), build the
+mesh, check the settings against model and mesh, load the starting model, write the manifest.
+
+The weight source, first that applies: resume from the workdir's own checkpoints >
+init.checkpoint > init.hf_dir > random init of model.preset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import logging
+import os
+import subprocess
+
+import jax
+
+from jaxdistill import checkpoint, hf, model as model_lib, settings as settings_lib, sharding
+from jaxdistill.model import Transformer
+from jaxdistill.model_config import ModelConfig
+
+SOURCE_KINDS = ("resume", "checkpoint", "hf", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSource:
+  """Where a run's weights come from."""
+  kind: str  # one of SOURCE_KINDS
+  path: str  # the workdir, checkpoint or Hugging Face directory ("" for random)
+  step: int | None  # the checkpoint step (resume, checkpoint); None otherwise
+  preset: str = ""  # the preset of a random init
+
+  def __str__(self) -> str:
+    if self.kind == "resume":
+      return f"resume from {self.path} (latest step {self.step})"
+    if self.kind == "checkpoint":
+      return f"init.checkpoint={self.path} (step {self.step})"
+    if self.kind == "hf":
+      return f"init.hf_dir={self.path}"
+    return f"random init of preset {self.preset!r}"
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def find_weight_source(s: settings_lib.Settings, workdir: str) -> tuple[WeightSource,
+                                                                         ModelConfig]:
+  """The weight source of a run in `workdir` and its model config, with the run's model
+  overrides applied."""
+  overrides = s.model.overrides()
+  ckpt = checkpoint.TrainCheckpointer(workdir, async_save=False)
+  try:
+    steps = ckpt.steps()
+    if steps:
+      return (WeightSource("resume", ckpt.root, steps[-1]),
+              ckpt.model_config(steps[-1]).replace(**overrides))
+  finally:
+    ckpt.close()
+  if s.init.checkpoint:
+    cfg, step = checkpoint.load_model_config(s.init.checkpoint)
+    return WeightSource("checkpoint", s.init.checkpoint, step), cfg.replace(**overrides)
+  if s.init.hf_dir:
+    return (WeightSource("hf", s.init.hf_dir, None),
+            ModelConfig.from_hf_config(s.init.hf_dir, **overrides))
+  return WeightSource("random", "", None, s.model.preset), s.model.preset_config()
+
+
+def load_weights(source: WeightSource, cfg: ModelConfig, mesh, seed: int) -> Transformer:
+  """The model `source` names, with config `cfg` (its overrides applied), on `mesh`."""
+  overrides = {k: getattr(cfg, k) for k in ("param_dtype", "compute_dtype", "remat",
+                                            "attention", "attention_block", "rope_theta",
+                                            "max_position_embeddings")}
+  if source.kind in ("resume", "checkpoint"):
+    return checkpoint.load_model(source.path, mesh, step=source.step, **overrides)
+  if source.kind == "hf":
+    return hf.load_hf_model(source.path, mesh, **overrides)
+  return model_lib.create_model(cfg, mesh, seed=seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """A started run: its settings, weight source, model config and mesh."""
+  settings: settings_lib.Settings
+  workdir: str
+  source: WeightSource
+  model_config: ModelConfig
+  mesh: jax.sharding.Mesh
+
+
+def start(s: settings_lib.Settings, workdir: str, model_config: ModelConfig | None = None
+          ) -> Run:
+  """Compilation cache, weight source, mesh and the checks against model and mesh.
+
+  `model_config` replaces the one the weight source gives (the demo sizes its student's
+  vocabulary from the tokenizer it trained).
+  """
+  if s.compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", s.compilation_cache_dir)
+  source, cfg = find_weight_source(s, workdir)
+  cfg = model_config or cfg
+  mesh = sharding.make_mesh(list(s.mesh_shape))
+  settings_lib.check_run(s, cfg, tuple(mesh.shape.values()))
+  logging.info("mesh %s; model %s, %s parameters; init: %s", sharding.describe(mesh),
+               cfg.model_type, f"{cfg.num_params():,}", source)
+  return Run(s, workdir, source, cfg, mesh)
+
+
+def write_manifest(run: Run, data_fingerprint: str) -> None:
+  """workdir/manifest.json: what ran, on what, from which code and data."""
+  if jax.process_index() != 0:
+    return
+  versions = {}
+  for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "transformers",
+              "numpy", "jaxdistill"):
+    try:
+      versions[pkg] = importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+      versions[pkg] = None
+  try:
+    revision = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)),
+                              timeout=10).stdout.strip() or None
+  except (OSError, subprocess.SubprocessError):
+    revision = None
+  manifest = {
+      "config": json.loads(run.settings.config_json),
+      "model_config": run.model_config.to_dict(),
+      "init": str(run.source),
+      "weight_source": run.source.to_dict(),
+      "git_revision": revision,
+      "versions": versions,
+      "mesh": dict(run.mesh.shape),
+      "process_count": jax.process_count(),
+      "device_kind": jax.devices()[0].device_kind,
+      "device_count": jax.device_count(),
+      "data_fingerprint": data_fingerprint,
+  }
+  os.makedirs(run.workdir, exist_ok=True)
+  with open(os.path.join(run.workdir, "manifest.json"), "w") as f:
+    json.dump(manifest, f, indent=2, default=str)
