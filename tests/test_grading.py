@@ -1,11 +1,12 @@
 r"""Answer extraction and grading: a table of hard cases with expected verdicts; time bounds."""
 
 import concurrent.futures
+import re
 import time
 
 import pytest
 
-from jaxdistill.eval import extract, grade, tasks
+from jaxdistill.eval import extract, grade, metrics, tasks
 
 B = "\\boxed"
 LONG_COT = "Let me think. " * 200 + "Maybe 999 or 7. "
@@ -172,6 +173,51 @@ CASES = [
     ("text-name-anagram", f"{B}{{Evylen}}", "\\text{Evelyn}", "math", None, "wrong"),
     ("choice-with-value", f"{B}{{\\textbf{{(C)}}\\ 12}}", "\\text{(C)}", "math", None, "correct"),
     ("choice-other", f"{B}{{(B)}}", "\\text{(C)}", "math", None, "wrong"),
+    # --- MATH: answers that are not mathematics (issue #15 item 5; `normalize_text`) ----------
+    ("clock-split-text", f"{B}{{9:00 \\text{{ a.m.}}}}", "\\text{9:00 a.m.}", "math", None,
+     "correct"),
+    ("clock-whole-text", f"{B}{{\\text{{9:00 a.m.}}}}", "9:00 \\text{ a.m.}", "math", None,
+     "correct"),
+    ("clock-case-and-dots", f"{B}{{\\text{{9:00 AM}}}}", "\\text{9:00 a.m.}", "math", None,
+     "correct"),
+    ("clock-hour-zero", "The answer is 09:00 a.m.", "\\text{9:00 a.m.}", "math", None, "correct"),
+    ("clock-am-not-pm", f"{B}{{9:00 \\text{{ p.m.}}}}", "9:00 \\text{ a.m.}", "math", None,
+     "wrong"),
+    ("clock-meridiem-not-a-unit", f"{B}{{9:00}}", "9:00 \\text{ a.m.}", "math", None, "wrong"),
+    ("clock-other-hour", f"{B}{{\\text{{10:00 a.m.}}}}", "\\text{9:00 a.m.}", "math", None,
+     "wrong"),
+    ("choice-text-vs-bare-gold", f"{B}{{\\text{{(C)}}}}", "C", "math", None, "correct"),
+    ("choice-bare-vs-text-gold", f"{B}{{C}}", "\\text{(C)}", "math", None, "correct"),
+    ("choice-textbf", f"{B}{{\\textbf{{(C)}}}}", "\\text{(C)}", "math", None, "correct"),
+    ("choice-lowercase", f"{B}{{(c)}}", "\\text{(C)}", "math", None, "correct"),
+    ("choice-with-option-text", f"{B}{{\\text{{(C) Plane}}}}", "\\text{(C)}", "math", None,
+     "correct"),
+    ("choice-closing-paren-only", f"{B}{{\\text{{C) Plane}}}}", "\\text{(C)}", "math", None,
+     "correct"),
+    ("choice-hedged", f"{B}{{\\text{{(C) or (D)}}}}", "\\text{(C)}", "math", None, "wrong"),
+    ("choice-hedged-bare", f"{B}{{\\text{{C or D}}}}", "\\text{(C)}", "math", None, "wrong"),
+    ("choice-two-listed", f"{B}{{(C), (D)}}", "\\text{(C)}", "math", None, "wrong"),
+    ("choice-expression", f"{B}{{c + 1}}", "\\text{(C)}", "math", None, "wrong"),
+    ("choice-number", f"{B}{{3}}", "\\text{(C)}", "math", None, "wrong"),
+    ("choice-list-order", f"{B}{{\\text{{C, A}}}}", "\\text{A, C}", "math", None, "correct"),
+    ("choice-list-subset", f"{B}{{\\text{{A}}}}", "\\text{A, C}", "math", None, "wrong"),
+    ("day-bare-vs-text-gold", f"{B}{{Tuesday}}", "\\text{Tuesday}", "math", None, "correct"),
+    ("day-text-vs-bare-gold", f"{B}{{\\text{{Tuesday}}}}", "Tuesday", "math", None, "correct"),
+    ("day-case-and-stop", f"{B}{{\\text{{tuesday.}}}}", "Tuesday", "math", None, "correct"),
+    ("day-mathrm", f"{B}{{\\mathrm{{Tuesday}}}}", "\\text{Tuesday}", "math", None, "correct"),
+    ("day-textit-gold", f"{B}{{Tuesday}}", "\\textit{Tuesday}", "math", None, "correct"),
+    ("day-other", f"{B}{{\\text{{Thursday}}}}", "\\text{Tuesday}", "math", None, "wrong"),
+    ("day-trailing-word", f"{B}{{\\text{{Tuesday morning}}}}", "\\text{Tuesday}", "math", None,
+     "wrong"),
+    ("name-anagram-bare-gold", f"{B}{{Evylen}}", "Evelyn", "math", None, "wrong"),
+    ("word-quoted", f"{B}{{\\text{{``even''}}}}", "\\text{even}", "math", None, "correct"),
+    ("word-other", f"{B}{{\\text{{odd}}}}", "\\text{even}", "math", None, "wrong"),
+    ("gold-unparsed-fallback", f"{B}{{5 A.M.}}", "5 a.m.", "math", None, "correct"),
+    ("gold-unparsed-other", f"{B}{{5 p.m.}}", "5 a.m.", "math", None, "wrong"),
+    ("number-gold-clock-answer", f"{B}{{\\text{{9:00 a.m.}}}}", "9", "math", None, "wrong"),
+    ("number-gold-text-tuple", f"{B}{{\\text{{32, 349}}}}", "32349", "math", None, "wrong"),
+    ("comma-space-is-tuple-math", f"{B}{{32, 349}}", "32349", "math", None, "wrong"),
+    ("thousands-commas-math", f"{B}{{1,000}}", "1000", "math", None, "correct"),
     # --- pathological answers: refused before sympy ------------------------------------------
     ("power-tower", f"{B}{{10^{{10^{{10^{{10}}}}}}}}", "5", "math", None, "too_complex"),
     ("power-tower-aime", f"{B}{{10^{{10^{{10}}}}}}", "5", "aime", None, "too_complex"),
@@ -228,6 +274,89 @@ def test_verdict_fields_and_vote_keys():
   assert grade.vote_key("033", "aime") == "33"
   v = grade.grade("<think>abc", "3", "aime", "length")
   assert v.vote_key is None and v.to_dict()["flags"] == ["unfinished_thinking"]
+
+
+def test_normalize_text_rules_in_order():
+  n = grade.normalize_text
+  # 1-2. Wrappers, nested too, and spacing commands go; so do sizing commands.
+  assert n("\\textbf{\\text{Tuesday}}") == n("\\mathrm{Tuesday}") == n("Tuesday")
+  assert n("9:00\\ \\text{a.m.}") == n("9:00 \\text{ a.m.}") == n("\\text{9:00 a.m.}")
+  # 3. Quotation marks around the answer.
+  assert n('"even"') == n("``even''") == n("even")
+  # 4. Multiple choice: the capital letter, or the sorted list of letters.
+  assert n("\\text{(c)}") == n("\\left( C \\right)") == n("(C)\\ 12") == "C"
+  assert n("(C), (A)") == n("A,C") == "A,C"
+  assert n("(C) or (D)") != "C"
+  # 5-7. Case, abbreviation dots, trailing punctuation.
+  assert n("9:00 AM") == n("9:00 a.m.") and n("Tuesday!") == n("tuesday")
+  # 8. Spacing, except where it would regroup digits.
+  assert n("9 : 00 am") == n("9:00am")
+  assert n("\\text{32, 349}") != n("\\text{32,349}") != n("\\text{32349}")
+  assert n("1 000") != n("1000")
+  # 9. A clock hour's leading zero.
+  assert n("09:30 p.m.") == n("9:30 pm") != n("9:03 pm")
+  # 10. A word key is marked, so it never equals a mathematical vote key.
+  assert n("\\text{XY}") == "\\text{xy}" != grade.vote_key("xy", "math")
+
+
+def test_text_vote_keys_group_equivalent_forms():
+  groups = [["\\text{(C)}", "(C)", "C", "\\textbf{(C)}", "\\text{(C) Plane}", "\\mathrm{(C)}"],
+            ["\\text{Tuesday}", "Tuesday", "tuesday.", "\\mathrm{Tuesday}"],
+            ["\\text{9:00 a.m.}", "9:00 \\text{ a.m.}", "9:00 AM", "\\text{09:00 a.m.}"],
+            ["\\text{A, C}", "\\text{C, A}", "(A), (C)"]]
+  keys = []
+  for group in groups:
+    group_keys = {grade.vote_key(a, "math") for a in group}
+    assert len(group_keys) == 1, (group, group_keys)
+    assert group_keys == {grade.gold_vote_key(group[0], "math")}
+    keys.append(group_keys.pop())
+  others = ["(D)", "Thursday", "9:00 \\text{ p.m.}", "\\text{A}", "9:00"]
+  assert len(set(keys) | {grade.vote_key(a, "math") for a in others}) == len(keys) + len(others)
+  # Wrong answers of one choice vote together however they are written, and outvote the rest.
+  verdicts = [grade.grade(f"{B}{{{a}}}", "\\text{(C)}", "math")
+              for a in ("(C)", "C", "(D)", "B", "\\textbf{(B)}", "(B)")]
+  assert [v.correct for v in verdicts] == [True, True, False, False, False, False]
+  assert metrics.majority_vote(verdicts).extracted == "B"
+  # Numbers keep the keys they had before text answers had their own rules.
+  numeric = {"1,000": "1000", "32, 349": "32,349", "32,349": "32349", "\\text{13}": "13",
+             "5.4 \\text{ cents}": "27/5", "0.50": "1/2", "x = 3": "3", "(1, 2)": "(1,2)",
+             "15\\mbox{ cm}^2": "15", "\\frac{270}7\\text{ degrees}": "270/7", "p - q": "p-q"}
+  assert {a: grade.vote_key(a, "math") for a in numeric} == numeric
+
+
+def test_bundled_math500_text_golds():
+  # Every MATH-500 gold written with a text wrapper grades itself and its natural variants as
+  # correct, and a different choice or word as wrong; words and choices never reach sympy.
+  items = [i for i in tasks.load_task("math500")
+           if re.search(r"\\(?:text|mbox|textbf|mathrm)\{", i["answer"])]
+  assert len(items) >= 12
+  checked = 0
+  with grade.SymbolicChecker(timeout_s=0.001) as no_symbolic:  # any symbolic call times out
+    for item in items:
+      gold = item["answer"]
+      right, wrong, checker = [gold], [], no_symbolic
+      if m := re.fullmatch(r"\\text\{\(([A-E])\)\}", gold):
+        letter = m.group(1)
+        other = "A" if letter != "A" else "B"
+        right += [letter, f"({letter})", f"\\textbf{{({letter})}}", f"\\text{{{letter}}}",
+                  f"({letter.lower()})", f"\\textbf{{({letter})}}\\ \\text{{Plane}}"]
+        wrong += [other, f"({other})", f"\\textbf{{({other})}}", f"({letter}) or ({other})"]
+      elif m := re.fullmatch(r"\\text\{([A-Za-z]+)\}", gold):
+        word = m.group(1)
+        right += [word, word.lower(), word.capitalize(), word.upper(), f"\\textbf{{{word}}}",
+                  f"\\mathrm{{{word}}}", f"\\text{{{word}.}}", f'"{word}"']
+        wrong += ["Carla", "west", "odd", "parabola", word + "s", word[::-1]]
+      else:  # a number with a unit: the number alone is right, another number is not
+        number = grade.normalize_math(gold)
+        right, wrong, checker = right + [number], [number + "1"], None
+      for answer in right:
+        reason, details = grade.compare_answers(answer, gold, "math", checker=checker)
+        assert reason == "correct", (gold, answer, details)
+      for answer in wrong:
+        reason, details = grade.compare_answers(answer, gold, "math", checker=checker)
+        assert reason == "wrong", (gold, answer, details)
+      checked += len(right) + len(wrong)
+  assert checked > 100
 
 
 @pytest.mark.parametrize("gold,kind", [("x", "aime"), ("1000", "aime"), ("-1", "aime"),

@@ -13,12 +13,17 @@ last number). Then, by `task_kind`:
         for 33), no tolerance, and any non-integer (`33.5`, `32, 349`, `3,4`) is wrong.
   amc   The same, for signed integers of any size (`-1`, also with the U+2212 minus sign); gold
         may be written `27.0`.
-  math  Cheap string canonical forms first (spacing, `\left`/`\right`, `\dfrac`/`\tfrac`, text
-        and unit wrappers, degrees, percent sign, numbers as exact fractions). Text answers
-        (`\text{Evelyn}`, `\text{(C)}`) compare as case-folded words, never symbolically. A set
-        written with `\{ \}` never equals a parenthesised tuple or interval. Everything else is
-        parsed by math-verify and compared symbolically, in a worker process under a time and
-        memory bound (`SymbolicChecker`).
+  math  Answers that are not mathematics (words, multiple-choice letters, clock times; see
+        `is_text_answer`) compare by one documented key, `normalize_text` (wrappers, spacing,
+        case, abbreviation dots and trailing punctuation dropped; `\text{(C)}` = `C`,
+        `\text{9:00 a.m.}` = `9:00 \text{ a.m.}`), never symbolically, so an anagram or a
+        hedge such as `(C) or (D)` is wrong. Otherwise cheap string canonical forms come first
+        (spacing, `\left`/`\right`, `\dfrac`/`\tfrac`, text and unit wrappers, degrees, percent
+        sign, numbers as exact fractions). A set written with `\{ \}` never equals a
+        parenthesised tuple or interval. Everything else is parsed by math-verify and compared
+        symbolically, in a worker process under a time and memory bound (`SymbolicChecker`);
+        a gold that math-verify cannot parse falls back to the `normalize_text` key. Neither
+        key reads digits differently: `32, 349` is never 32349.
 
 Percent. A percent sign is a unit and is dropped on both sides (`28\%` = `28` = `28 percent`);
 values are never rescaled by 100 in either direction, for any kind.
@@ -160,13 +165,15 @@ def compare_answers(answer: str, gold: str, task_kind: str, *,
     return "too_complex", {"by": "bounds", "note": f"longer than {MAX_ANSWER_CHARS} characters"}
   if task_kind in ("aime", "amc"):
     return _compare_integer(answer, int(gold_key), task_kind, checker)
+  if is_text_answer(gold):
+    if normalize_text(answer) == gold_key:
+      return "correct", {"by": "text"}
+    # A bare word gold (`Tuesday`) may still meet a formula; a wrapped one never does.
+    if _TEXT_WRAPPER.search(gold) or is_text_answer(answer):
+      return "wrong", {"by": "text"}
   gold_norm, pred_norm = normalize_math(gold), normalize_math(answer)
   if gold_norm == pred_norm:
     return "correct", {"by": "string"}
-  if _is_text(gold):
-    gold_text = _text_key(gold)
-    same = _text_key(answer, choice=len(gold_text) == 1) == gold_text
-    return ("correct" if same else "wrong"), {"by": "text"}
   shapes = _outer_shape(gold_norm), _outer_shape(pred_norm)
   if None not in shapes and shapes[0] != shapes[1]:
     return "wrong", {"by": "shape", "note": f"gold is a {shapes[0]}, answer a {shapes[1]}"}
@@ -180,6 +187,8 @@ def compare_answers(answer: str, gold: str, task_kind: str, *,
     log.warning("symbolic comparison %s: gold %r, answer %r", status, gold, answer[:200])
     return "timeout", {"by": "symbolic", "note": status}
   equal, note = value
+  if note == "gold did not parse" and normalize_text(answer) == normalize_text(gold):
+    return "correct", {"by": "text", "note": note}
   return ("correct" if equal else "wrong"), {"by": "symbolic"} | ({"note": note} if note else {})
 
 
@@ -226,7 +235,7 @@ def gold_vote_key(gold: str, task_kind: str) -> str:
   if not isinstance(gold, str) or not gold.strip():
     raise ValueError(f"gold answer must be a non-empty string, got {gold!r}")
   if task_kind == "math":
-    return normalize_math(gold)
+    return _math_vote_key(gold)
   value = parse_integer(gold)
   if value is None or (task_kind == "aime" and not 0 <= value <= 999):
     kind_rule = "an integer 0-999" if task_kind == "aime" else "an integer"
@@ -235,14 +244,22 @@ def gold_vote_key(gold: str, task_kind: str) -> str:
 
 
 def vote_key(answer: str, task_kind: str) -> str:
-  """The canonical form of `answer` under which majority voting counts it."""
+  """The canonical form of `answer` under which majority voting counts it: for MATH, the
+  `normalize_text` key of a text answer (so `(C)`, `\\textbf{(C)}` and `C` vote together), else
+  `normalize_math`; the same function gives the gold's key, so equal keys grade equal."""
   if len(answer) > MAX_ANSWER_CHARS:
     return answer
   if task_kind in ("aime", "amc"):
     value = parse_integer(answer)
     if value is not None:
       return str(value)
-  return normalize_math(answer)
+    return normalize_math(answer)
+  return _math_vote_key(answer)
+
+
+def _math_vote_key(answer: str) -> str:
+  # Words, choices and clock times vote by `normalize_text`, everything else by `normalize_math`.
+  return normalize_text(answer) if is_text_answer(answer) else normalize_math(answer)
 
 
 # ----------------------------------------------------------------------------- string rules
@@ -341,19 +358,117 @@ def _exact_number(s: str) -> str | None:
   return str(value)  # Fraction prints "p/q", or "p" when whole
 
 
-def _is_text(gold: str) -> bool:
-  # A word answer such as \text{Evelyn} or \text{(C)}: letters only once wrappers are gone.
-  return bool(re.search(rf"\\(?:{_WRAPPERS})\{{", gold)) and bool(
-      re.fullmatch(r"[\sA-Za-z()]+", strip_decorations(gold)))
+# ------------------------------------------------------------------------------ text answers
+
+# Font wrappers; a font never changes what a word says. The prose ones (not \math*, where a
+# lone letter is a symbol such as \mathrm{e}) also mark a lone letter as a choice.
+_TEXT_WRAPPER = re.compile(r"\\(?:text(?:bf|it|rm|sf|tt|up|sc|normal)?|emph|mbox"
+                           r"|math(?:rm|bf|it|sf|tt)|boldsymbol)\s*\{([^{}]*)\}")
+_PROSE_WRAPPER = re.compile(r"\\(?:text(?:bf|it|rm|sf|tt|up|sc|normal)?|emph|mbox)\s*\{")
+_TEXT_SPACING = re.compile(r"\$|\\[()\[\]]|\\[,;: ]|~|\\q?quad(?![A-Za-z])|[{}]"
+                           r"|\\(?:left|right|[bB]igg?)(?![A-Za-z])")
+_QUOTES = "\"'`\u2018\u2019\u201c\u201d"
+_LONE_CHOICE = re.compile(r"\(?\s*([A-Za-z])\s*\)?")
+# `(C) Plane`, `C) 12`: a capital and its closing parenthesis, then the option's own text,
+# which must not name or hedge towards another option (`(C) or (D)`, `(C) and D`).
+_LEAD_CHOICE = re.compile(r"\(?\s*([A-Z])\s*\)\s*(.*)", re.DOTALL)
+_HEDGE = re.compile(r"\(\s*[A-Z]\s*\)|\b(?:or|and)\s+\(?[A-Z]\b")
+_CLOCK = re.compile(r"\d{1,2}:\d{2}(?::\d{2})?\s*(?:[ap]\.?\s*m\b\.?)?", re.IGNORECASE)
+_WORDS = re.compile(r"[^\W\d_](?:[^\W\d_]|[\s.,;:'!?&/()-])*")  # [^\W\d_]: a letter
+_BARE_WORDS = re.compile(r"[^\W\d_](?:[^\W\d_]|[\s.,;'!?])*")
 
 
-def _text_key(answer: str, choice: bool = False) -> str:
-  s = strip_decorations(answer)
-  if choice:  # multiple choice: "(C) 12" names choice C
-    m = re.match(r"\(?([A-Za-z])\)?(?![A-Za-z])", s)
-    if m:
-      return m.group(1).lower()
-  return re.sub(r"[^a-z]", "", s.lower())
+def normalize_text(text: str) -> str:
+  r"""The canonical form of an answer that is words, a choice or a clock time, not mathematics.
+
+  One function for every text comparison: a gold that `is_text_answer` calls text, or that
+  math-verify cannot parse, is compared with the answer by this key, and a text answer votes
+  under it, so equal keys mean equal answers in both places. Rules, in order:
+
+    1. Font wrappers give way to their contents, innermost first: `\text`, `\textbf`,
+       `\textit`, `\textrm`, `\textsf`, `\texttt`, `\textup`, `\textsc`, `\textnormal`,
+       `\emph`, `\mbox`, `\mathrm`, `\mathbf`, `\mathit`, `\mathsf`, `\mathtt`, `\boldsymbol`.
+    2. Math delimiters (`$`, `\(`, `\[`), spacing commands (`\ `, `\,`, `\;`, `\:`, `~`,
+       `\quad`), sizing commands (`\left`, `\right`, `\big`...) and leftover braces become
+       spaces; `\!` is dropped; Unicode minus signs become `-`.
+    3. Quotation marks around the whole answer are dropped (`"even"`, ``` ``even'' ```).
+    4. Multiple choice (decided here, and returned as is): a lone letter, with or without
+       parentheses (`C`, `(C)`, `(c)`), is that capital letter; a capital with its closing
+       parenthesis followed by the option's own text (`(C) Plane`, `(B)\ 3(1+r/10)^x=7`) is
+       the letter, unless that text names or hedges towards another option (`(C) or (D)`); a
+       comma-separated list of choices (`(C), (A)`) is its capitals, sorted, joined by ",".
+       This is the key the bare capital `C` has as mathematics, so `C` and `(C)` vote together.
+    5. Case is folded (`Tuesday` = `tuesday`, `AM` = `am`).
+    6. A full stop after a letter is an abbreviation dot and is dropped (`a.m.` = `am`).
+    7. Trailing punctuation (`.`, `,`, `;`, `:`, `!`, `?`) is dropped.
+    8. Whitespace is dropped (`9:00 \text{ a.m.}` = `\text{9:00a.m.}`), except between a digit
+       or a comma and a following digit, where one space is kept: digits are never regrouped,
+       so `32, 349` stays apart from `32,349` and from `32349`.
+    9. A clock hour's leading zero is dropped (`09:00` = `9:00`).
+   10. The key is marked `\text{...}` (a wrapper `normalize_math` always takes off), so a word
+       answer never votes with (or grades equal to) a mathematical one such as `xy`.
+
+  Nothing else is loosened: digits, signs, decimal points and other words stay as written.
+  """
+  s = _plain_text(text)
+  choice = _choice_key(s)
+  if choice is not None:
+    return choice
+  s = s.casefold()
+  s = re.sub(r"(?<=[^\W\d_])\.", "", s)
+  s = s.rstrip(".,;:!? \t\n")
+  s = re.sub(r"\s+", _keep_digit_gap, s)
+  s = re.sub(r"(?<!\d)0(\d:\d\d)", r"\1", s)
+  return "\\text{" + s + "}"
+
+
+def is_text_answer(text: str) -> bool:
+  r"""Whether `text` is prose rather than mathematics, and so compares by `normalize_text`.
+
+  Text is: a choice (`(C)`, `\text{C}`, `\textbf{(C)}~12`, `\text{A, C}`; a bare `C` is a
+  variable), a clock time with a.m./p.m. (or inside a text wrapper), or words: after the
+  wrappers go, letters and punctuation only (no digit, operator or command), with a run of two
+  letters inside a wrapper (`\text{even}`, `\mathrm{Tuesday}`) or of three bare (`Tuesday`;
+  `p - q`, `ab` and `\mathrm{e}` stay mathematics).
+  """
+  prose = bool(_PROSE_WRAPPER.search(text))
+  wrapped = prose or bool(_TEXT_WRAPPER.search(text))
+  s = _plain_text(text)
+  if _choice_key(s) is not None and (prose or "(" in s or ")" in s):
+    return True
+  clock = _CLOCK.fullmatch(s)
+  if clock:
+    return prose or bool(re.search(r"[ap]\.?\s*m", s, re.IGNORECASE))
+  if wrapped:
+    return bool(_WORDS.fullmatch(s)) and bool(re.search(r"[^\W\d_]{2}", s))
+  return bool(_BARE_WORDS.fullmatch(s)) and bool(re.search(r"[^\W\d_]{3}", s))
+
+
+def _plain_text(text: str) -> str:
+  # Rules 1-3 of `normalize_text`: wrappers, delimiters and spacing, surrounding quotes.
+  s = text.translate(_MINUS)
+  while (unwrapped := _TEXT_WRAPPER.sub(r" \1 ", s)) != s:
+    s = unwrapped
+  s = _TEXT_SPACING.sub(" ", s.replace("\\!", "")).strip()
+  quoted = len(s) > 1 and s[0] in _QUOTES and s[-1] in _QUOTES
+  return s.strip(_QUOTES).strip() if quoted else s
+
+
+def _choice_key(s: str) -> str | None:
+  # Rule 4 of `normalize_text`, on a string already through rules 1-3.
+  if m := _LONE_CHOICE.fullmatch(s):
+    return m.group(1).upper()
+  parts = s.split(",")
+  if len(parts) > 1 and all(_LONE_CHOICE.fullmatch(p.strip()) for p in parts):
+    return ",".join(sorted(p.strip().strip("() ").upper() for p in parts))
+  if (m := _LEAD_CHOICE.fullmatch(s)) and not _HEDGE.search(m.group(2)):
+    return m.group(1)
+  return None
+
+
+def _keep_digit_gap(m: re.Match) -> str:
+  s, i, j = m.string, m.start(), m.end()
+  return " " if 0 < i and j < len(s) and s[i - 1] in "0123456789," and s[j].isdigit() else ""
 
 
 def _outer_shape(norm: str) -> str | None:
@@ -560,6 +675,10 @@ def _symbolic(mode: str, gold: str, pred: str, allow_relation: bool) -> tuple:
     return math_verify.parse("\\boxed{" + text + "}", config, fallback_mode="no_fallback",
                              parsing_timeout=None)
 
+  # The gold first: a gold that does not parse is compared as text by the caller.
+  gold_parsed = parse(gold) if mode == "equal" else None
+  if mode == "equal" and not gold_parsed:
+    return False, "gold did not parse"
   pred_parsed = parse(pred)
   if not pred_parsed:
     return (None if mode == "integer" else False), "answer did not parse"
@@ -570,9 +689,6 @@ def _symbolic(mode: str, gold: str, pred: str, allow_relation: bool) -> tuple:
     # A float is taken at its exact value: 33.0 is 33, 32.9999999999 is not.
     value = sympy.Rational(expr) if expr.is_Float else sympy.simplify(expr)
     return (int(value), None) if value.is_Integer else (None, "not an integer")
-  gold_parsed = parse(gold)
-  if not gold_parsed:
-    return False, "gold did not parse"
   equal = math_verify.verify(gold_parsed, pred_parsed, strict=True, timeout_seconds=None,
                              allow_set_relation_comp=allow_relation)
   return bool(equal), None
