@@ -101,6 +101,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.compute_dtype = "float32"  # fp32 evaluation: bf16 can move AIME scores by points
   c.eval.cache_dtype = "float32"  # KV cache dtype
   c.eval.grading_workers = 2  # processes for symbolic (MATH) answer comparison
+  # Sample again over outputs that other weights or settings produced (a rerun with any of
+  # them different is refused otherwise, naming the difference).
+  c.eval.restart = False
 
   # The distillation demo (mode="demo", jaxdistill/demo/run.py). Its student is model.*,
   # its training train.*; these settings are the demo's own: data, evaluation, length.

@@ -12,13 +12,18 @@ from flax import nnx
 from jaxdistill import checkpoint, evaluate as evaluate_lib, model as model_lib, sharding
 from jaxdistill import startup, train as train_lib
 from jaxdistill.data import builder, chat
+from jaxdistill.model_config import ModelConfig
 from jaxdistill.sampler import Sampler
 from jaxdistill.settings import Settings
 
 
 def train(s: Settings, workdir: str) -> train_lib.TrainResult:
   """Trains to the end (resuming from `workdir` when it holds checkpoints)."""
-  run = startup.start(s, workdir)
+  return _train(startup.start(s, workdir))
+
+
+def _train(run: startup.Run) -> train_lib.TrainResult:
+  s, workdir = run.settings, run.workdir
   data = builder.build_training_data(s.data, global_batch_size=s.train.global_batch_size,
                                      num_steps=s.train.num_steps, seed=s.seed,
                                      workdir=workdir)
@@ -37,39 +42,55 @@ def train(s: Settings, workdir: str) -> train_lib.TrainResult:
 
 
 def train_and_eval(s: Settings, workdir: str) -> train_lib.TrainResult:
-  """Trains, then evaluates the final step on `eval.tasks`."""
-  result = train(s, workdir)
+  """Trains, then evaluates the final step on `eval.tasks`. The evaluation's limits are
+  checked before training starts."""
+  run = startup.start(s, workdir)
+  renderer = make_renderer(s, run.model_config)
+  evaluate_lib.check_limits(s.eval, renderer, run.model_config.max_position_embeddings)
+  result = _train(run)
   if not result.preempted:
-    mesh = sharding.make_mesh(list(s.mesh_shape))
-    model = checkpoint.load_model(workdir, mesh, **s.model.overrides())
+    model = checkpoint.load_model(workdir, run.mesh, **s.model.overrides())
     source = startup.WeightSource("resume", checkpoint.checkpoint_root(workdir), result.step)
-    evaluate_model(s, model, mesh, workdir, source)
+    evaluate_model(s, model, run.mesh, workdir, source, renderer)
   return result
 
 
 def evaluate(s: Settings, workdir: str) -> dict:
-  """Evaluates the run's weights (resumed, init.checkpoint or init.hf_dir) on `eval.tasks`."""
+  """Evaluates the run's weights (resumed, init.checkpoint or init.hf_dir) on `eval.tasks`.
+  Without data.tokenizer, a training checkpoint's recorded tokenizer and template are used.
+  Everything is checked before the weights load."""
   run = startup.start(s, workdir)
+  s = startup.with_recorded_tokenizer(s, run.source)
+  renderer = make_renderer(s, run.model_config)
+  evaluate_lib.check_limits(s.eval, renderer, run.model_config.max_position_embeddings)
   model = startup.load_weights(run.source, run.model_config, run.mesh, s.seed)
-  return evaluate_model(s, model, run.mesh, workdir, run.source)
+  return evaluate_model(s, model, run.mesh, workdir, run.source, renderer)
+
+
+def make_renderer(s: Settings, cfg: ModelConfig) -> chat.ChatRenderer:
+  """The run's tokenizer and chat template, checked against the model's vocabulary."""
+  if not s.data.tokenizer:
+    raise ValueError("evaluation needs a tokenizer: set data.tokenizer or init.hf_dir (a "
+                     "training checkpoint's own is found by itself)")
+  renderer = chat.ChatRenderer(chat.load_tokenizer(s.data.tokenizer), s.data.chat_template)
+  if renderer.tokenizer.vocab_size > cfg.vocab_size:
+    raise ValueError(f"the tokenizer ({s.data.tokenizer}) has {renderer.tokenizer.vocab_size} "
+                     f"tokens but the model only {cfg.vocab_size}: they do not belong together")
+  return renderer
 
 
 def evaluate_model(s: Settings, model: model_lib.Transformer, mesh, workdir: str,
-                   source: startup.WeightSource) -> dict:
+                   source: startup.WeightSource, renderer: chat.ChatRenderer) -> dict:
   """Evaluates `model` on `eval.tasks` into workdir/eval/ (resumable). The model is handed
   to the sampler, which takes over its weights: do not use it afterwards."""
-  if not s.data.tokenizer:
-    raise ValueError("evaluation needs a tokenizer: set data.tokenizer or init.hf_dir")
-  renderer = chat.ChatRenderer(chat.load_tokenizer(s.data.tokenizer), s.data.chat_template)
-  if renderer.tokenizer.vocab_size > model.config.vocab_size:
-    raise ValueError(f"the tokenizer ({s.data.tokenizer}) has {renderer.tokenizer.vocab_size} "
-                     f"tokens but the model only {model.config.vocab_size}: they do not belong "
-                     "together")
-  sampler = sampler_for(model, mesh, s.eval.compute_dtype)
+  provenance = {"weights": source.identity(model.config, s.seed),
+                "compute_dtype": s.eval.compute_dtype, "tokenizer": renderer.identity()}
   description = {"init": str(source), "compute_dtype": s.eval.compute_dtype,
                  "param_dtype": model.config.param_dtype, "cache_dtype": s.eval.cache_dtype}
+  sampler = sampler_for(model, mesh, s.eval.compute_dtype)
   return evaluate_lib.evaluate(sampler, renderer, s.eval, f"{workdir}/eval",
-                               model_description=description, log=logging.info)
+                               model_description=description, provenance=provenance,
+                               log=logging.info)
 
 
 def sampler_for(model: model_lib.Transformer, mesh, compute_dtype: str) -> Sampler:

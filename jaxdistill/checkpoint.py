@@ -25,6 +25,9 @@ from jaxdistill.sharding import param_shardings
 
 PARAMS = "params"
 MODEL_CONFIG = "model_config"
+OPT_STATE = "opt_state"
+DATA_STATE = "data_state"
+RUN_CONFIG = "run_config"
 
 
 def checkpoint_root(path: str) -> str:
@@ -81,6 +84,16 @@ def load_model_config(path: str, step: int | None = None) -> tuple[ModelConfig, 
   return ModelConfig.from_dict(got[MODEL_CONFIG]), step
 
 
+def load_run_config(path: str, step: int) -> dict:
+  """The run config a training checkpoint recorded (`{}` for a model-only checkpoint)."""
+  root = checkpoint_root(path)
+  if not os.path.exists(os.path.join(root, str(step), RUN_CONFIG)):
+    return {}
+  with ocp.CheckpointManager(root) as mngr:
+    got = mngr.restore(step, args=ocp.args.Composite(**{RUN_CONFIG: ocp.args.JsonRestore()}))
+  return got[RUN_CONFIG] or {}
+
+
 def load_model(path: str, mesh=None, step: int | None = None, **config_overrides) -> Transformer:
   """Restores a model from a workdir, checkpoint root or step directory.
 
@@ -109,9 +122,6 @@ def load_model(path: str, mesh=None, step: int | None = None, **config_overrides
   return nnx.merge(graphdef, abstract_state)
 
 
-OPT_STATE = "opt_state"
-DATA_STATE = "data_state"
-RUN_CONFIG = "run_config"
 
 
 def _all_process_states(state: dict) -> dict:

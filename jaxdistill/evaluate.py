@@ -17,9 +17,12 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 
+import jax
+
 from jaxdistill import generate
 from jaxdistill.data import chat
 from jaxdistill.eval import grade as grade_lib, metrics, tasks
+from jaxdistill.rules import Greedy, rule_from
 from jaxdistill.sampler import Sampler, SamplingConfig
 
 TASK_KINDS = {"aime24": "aime", "aime25": "aime", "amc23": "amc", "math500": "math"}
@@ -43,6 +46,7 @@ class EvalConfig:
   compute_dtype: str  # the model's compute dtype while sampling
   cache_dtype: str
   grading_workers: int  # processes for symbolic (MATH) comparisons
+  restart: bool  # sample again over outputs that other weights or settings produced
 
   def __post_init__(self):
     unknown = [t for t in self.tasks if t not in TASK_KINDS]
@@ -75,13 +79,38 @@ def bundled_task(name: str) -> Task:
 
 
 def write_prompts(task: Task, cfg: EvalConfig, path: str) -> list[dict]:
-  rows = task.problems[:cfg.limit] if cfg.limit else task.problems
-  out = [dict(r, prompt=f"{r['problem']}\n{cfg.instruction}" if cfg.instruction
-              else r["problem"]) for r in rows]
+  out = prompt_rows(task, cfg)
   with open(path, "w", encoding="utf-8") as f:
     for row in out:
       f.write(json.dumps(row, ensure_ascii=False) + "\n")
   return out
+
+
+def prompt_rows(task: Task, cfg: EvalConfig) -> list[dict]:
+  """The task's problems as prompts rows: each problem followed by the instruction."""
+  rows = task.problems[:cfg.limit] if cfg.limit else task.problems
+  return [dict(r, prompt=f"{r['problem']}\n{cfg.instruction}" if cfg.instruction
+               else r["problem"]) for r in rows]
+
+
+def check_limits(cfg: EvalConfig, renderer: chat.ChatRenderer, max_positions: int,
+                 task_list: Sequence[Task] | None = None) -> None:
+  """Refuses, before any weights load, an evaluation whose longest rendered prompt plus
+  `max_new_tokens` exceeds the model's positions, saying what would fit."""
+  task_list = list(task_list) if task_list is not None else [bundled_task(t) for t in cfg.tasks]
+  longest, where = 0, ""
+  for task in task_list:
+    for row in prompt_rows(task, cfg):
+      n = len(generate.prompt_tokens(row, renderer, use_chat_template=True))
+      if n > longest:
+        longest, where = n, f"{task.name} {row['id']}"
+  if longest + cfg.max_new_tokens > max_positions:
+    raise ValueError(
+        f"eval.max_new_tokens={cfg.max_new_tokens} plus the longest prompt ({where}, "
+        f"{longest} tokens) exceeds the model's {max_positions} positions; set "
+        f"eval.max_new_tokens to at most {max_positions - longest}, or raise "
+        "model.max_position_embeddings (and model.rope_theta) if the model was trained "
+        "for longer")
 
 
 def grade_file(path: str, kind: str, checker, graded_path: str | None = None
@@ -109,37 +138,57 @@ def grade_file(path: str, kind: str, checker, graded_path: str | None = None
 
 
 def evaluate(sampler: Sampler, renderer: chat.ChatRenderer, cfg: EvalConfig, out_dir: str, *,
-             model_description: dict, task_list: Sequence[Task] | None = None,
+             model_description: dict, provenance: dict | None = None,
+             task_list: Sequence[Task] | None = None,
              log: Callable[[str], None] = logging.info) -> dict:
   """Samples and grades every task (default: `cfg.tasks`, bundled) into `out_dir/<task>/`,
-  and writes `out_dir/report.md`; returns {task: summary}."""
+  and writes `out_dir/report.md`; returns {task: summary}.
+
+  `provenance` (weights and tokenizer identity) is recorded beside each generations file and
+  checked on a rerun (generate.check_provenance). A task whose generations were all there
+  already and whose summary exists is reported, not graded again. With several processes all
+  of them sample; process 0 alone writes, grades and returns the summaries ({} elsewhere).
+  """
   task_list = list(task_list) if task_list is not None else [bundled_task(t) for t in cfg.tasks]
+  writer = jax.process_index() == 0
   stops = generate.stop_ids(renderer)
-  sampled = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+  sampled = SamplingConfig(rule=rule_from(cfg.temperature, cfg.top_k, cfg.top_p),
                            max_new_tokens=cfg.max_new_tokens, stop_ids=stops,
                            cache_dtype=cfg.cache_dtype,
                            vocab_size=renderer.tokenizer.vocab_size)
-  greedy = dataclasses.replace(sampled, temperature=0.0, top_p=1.0, top_k=0)
-  checker = grade_lib.SymbolicChecker(workers=cfg.grading_workers)
+  greedy = dataclasses.replace(sampled, rule=Greedy())
+  checker = grade_lib.SymbolicChecker(workers=cfg.grading_workers) if writer else None
   summaries = {}
   try:
     for task in task_list:
       task_dir = os.path.join(out_dir, task.name)
-      os.makedirs(task_dir, exist_ok=True)
       prompts = os.path.join(task_dir, "prompts.jsonl")
-      write_prompts(task, cfg, prompts)
+      if writer:
+        os.makedirs(task_dir, exist_ok=True)
+        write_prompts(task, cfg, prompts)
+      _barrier(f"prompts of {task.name}")
       log(f"{task.name}: sampling {cfg.num_samples} per problem (temperature "
           f"{cfg.temperature}, top-p {cfg.top_p}, up to {cfg.max_new_tokens} tokens)")
       generations = os.path.join(task_dir, "generations.jsonl")
-      generate.generate_file(sampler, renderer, prompts, generations, sampled,
-                             num_samples=cfg.num_samples, seed=cfg.seed,
-                             batch_size=cfg.batch_size, samples_at_once=cfg.samples_at_once,
-                             log=log)
+      new = generate.generate_file(
+          sampler, renderer, prompts, generations, sampled, num_samples=cfg.num_samples,
+          seed=cfg.seed, batch_size=cfg.batch_size, samples_at_once=cfg.samples_at_once,
+          provenance=provenance, restart=cfg.restart, log=log)
+      greedy_path = os.path.join(task_dir, "greedy.jsonl")
+      if cfg.greedy:
+        new += generate.generate_file(sampler, renderer, prompts, greedy_path, greedy,
+                                      batch_size=cfg.batch_size, provenance=provenance,
+                                      restart=cfg.restart, log=log)
+      if not writer:
+        continue
+      summary_path = os.path.join(task_dir, "summary.json")
+      if not new and os.path.exists(summary_path):
+        with open(summary_path) as f:
+          summaries[task.name] = json.load(f)
+        log(f"{task.name}: finished earlier, accuracy {summaries[task.name]['accuracy']:.3f}")
+        continue
       greedy_verdicts = None
       if cfg.greedy:
-        greedy_path = os.path.join(task_dir, "greedy.jsonl")
-        generate.generate_file(sampler, renderer, prompts, greedy_path, greedy,
-                               batch_size=cfg.batch_size, log=log)
         greedy_verdicts = [vs[0] for vs in grade_file(
             greedy_path, task.kind, checker, os.path.join(task_dir, "greedy_graded.jsonl"))[0]]
       problems, tokens, rows = grade_file(generations, task.kind, checker,
@@ -150,19 +199,29 @@ def evaluate(sampler: Sampler, renderer: chat.ChatRenderer, cfg: EvalConfig, out
             problems, [str(r.get(task.group_by)) for r in rows], tokens=tokens,
             greedy=greedy_verdicts)
       summary.update(task=task.name, kind=task.kind, model=model_description,
-                     sampling=dataclasses.asdict(sampled), num_samples=cfg.num_samples,
+                     sampling=sampled.describe(), num_samples=cfg.num_samples,
                      instruction=cfg.instruction)
-      with open(os.path.join(task_dir, "summary.json"), "w") as f:
+      with open(summary_path + ".tmp", "w") as f:
         json.dump(summary, f, indent=2)
+      os.replace(summary_path + ".tmp", summary_path)
       _plot_budget(summary, task.name, os.path.join(task_dir, "budget.png"))
       log(f"{task.name}: accuracy {summary['accuracy']:.3f} (avg@{cfg.num_samples}), greedy "
           f"{summary.get('greedy_accuracy')}, mean output tokens "
           f"{summary.get('mean_output_tokens', 0):.0f}")
       summaries[task.name] = summary
   finally:
-    checker.close()
-  write_report(summaries, os.path.join(out_dir, "report.md"))
+    if checker is not None:
+      checker.close()
+  if writer:
+    write_report(summaries, os.path.join(out_dir, "report.md"))
   return summaries
+
+
+def _barrier(name: str) -> None:
+  """Waits for every process (process 0 has written what the others read next)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
 
 
 def write_report(summaries: dict, path: str) -> None:

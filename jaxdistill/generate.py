@@ -3,17 +3,23 @@
 Each input line is `{"prompt": str}` (raw text, or the user turn when the chat template is
 on) or `{"messages": [...]}`, plus any other fields, which are copied to the output. Each
 output line adds `response`, `completion_token_ids` and `finish_reason`, one entry per
-sample. Output lines are appended as blocks of prompts finish and a rerun skips the prompts
-already written, so an interrupted run loses at most one block.
+sample. Output lines are appended as blocks of prompts finish; a rerun keeps every complete
+line and continues at the first prompt not written, refusing outputs that other weights or
+settings produced (a provenance record sits beside each output).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
 import time
 from collections.abc import Callable
+
+import jax
+import numpy as np
 
 from jaxdistill import checkpoint, hf
 from jaxdistill.data import chat
@@ -62,53 +68,142 @@ def stop_ids(renderer: chat.ChatRenderer) -> tuple[int, ...]:
   return tuple(dict.fromkeys(ids))
 
 
-def count_done(output: str, block: int) -> int:
-  """Lines already in `output`, cut back to whole blocks (a torn block is dropped), so a
-  rerun samples each remaining block with the seed an uninterrupted run would have used."""
+def count_done(output: str) -> int:
+  """Complete lines already in `output`; a torn last line (an interrupted write) is cut off.
+  Every complete line is kept: each prompt's samples come from its own random streams, so the
+  rerun continues at the first prompt not written, as an uninterrupted run would have."""
   if not os.path.exists(output):
     return 0
   with open(output, "rb") as f:
-    lines = f.read().split(b"\n")[:-1]  # the text after the last newline is torn
-  keep = len(lines) - len(lines) % block
-  with open(output, "wb") as f:
-    f.write(b"".join(line + b"\n" for line in lines[:keep]))
-  return keep
+    data = f.read()
+  complete = data[:data.rfind(b"\n") + 1]
+  if len(complete) < len(data):
+    with open(output, "wb") as f:
+      f.write(complete)
+  return complete.count(b"\n")
+
+
+def provenance_path(output: str) -> str:
+  return output + ".provenance.json"
+
+
+def _flat(d, prefix: str = "") -> dict:
+  if not isinstance(d, dict):
+    return {prefix: d}
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+  return out
+
+
+def check_provenance(output: str, record: dict, *, restart: bool = False) -> None:
+  """Refuses to continue `output` when its provenance record differs from `record` (what
+  produces the samples now: weights, tokenizer and template, sampling settings, prompts),
+  naming each difference; with `restart` the output is removed and started over. Writes the
+  record beside the output."""
+  path = provenance_path(output)
+  record = json.loads(json.dumps(record, sort_keys=True, default=str))
+  if restart:
+    for p in (output, path):
+      if os.path.exists(p):
+        os.remove(p)
+  if os.path.exists(output) and os.path.getsize(output) > 0:
+    if not os.path.exists(path):
+      raise ValueError(f"{output} holds samples but no record of what produced them ({path} "
+                       "is missing); move it away, or restart (eval.restart=True, "
+                       "tools/generate.py --restart) to sample it again")
+    with open(path, encoding="utf-8") as f:
+      old, new = _flat(json.load(f)), _flat(record)
+    diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+             if old.get(k) != new.get(k)]
+    if diffs:
+      raise ValueError(
+          f"{output} was sampled with other settings than this run's: {'; '.join(diffs[:8])}"
+          f"{' ...' if len(diffs) > 8 else ''}. Rerun with the same settings, or restart "
+          "(eval.restart=True, tools/generate.py --restart) to sample it again")
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(record, f, indent=2, sort_keys=True)
+  os.replace(path + ".tmp", path)
+
+
+def file_sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def _from_process_0(value: int) -> int:
+  """Process 0's `value` on every process (it alone reads and writes the outputs)."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
 
 
 def generate_file(sampler: Sampler, renderer: chat.ChatRenderer, prompts_path: str,
                   output: str, cfg: SamplingConfig, *, num_samples: int = 1, seed: int = 0,
                   batch_size: int = 8, samples_at_once: int = 0, use_chat_template: bool = True,
+                  provenance: dict | None = None, restart: bool = False,
                   log: Callable[[str], None] = logging.info) -> int:
   """Samples every prompt of `prompts_path` into `output`; returns the lines written now.
-  `batch_size` and `samples_at_once` are Sampler.generate's."""
+
+  A rerun keeps every complete line and continues at the first prompt not written; prompt i's
+  samples come from streams of (seed, i, sample), so the file ends byte-identical to an
+  uninterrupted run's. `provenance` (what decides the weights and tokenizer) is recorded
+  beside the output with the sampling settings and the prompts' hash, and a rerun with any of
+  them different is refused (`check_provenance`; `restart` starts over). With several
+  processes all of them sample and process 0 alone reads and writes files (on a filesystem
+  every host sees). `batch_size` and `samples_at_once` are Sampler.generate's; they do not
+  change the samples.
+  """
   rows = read_prompts(prompts_path)
-  # Prompts are handed to the sampler in blocks of several batches, so finished rows are
-  # refilled from the block (continuous batching); output is written, and resumed, by block.
-  block = batch_size * BLOCK_BATCHES
-  done = count_done(output, block)
-  if done > len(rows):
-    raise ValueError(f"{output} has {done} lines but {prompts_path} only {len(rows)} prompts; "
-                     "it belongs to another prompts file")
+  writer = jax.process_index() == 0
+  done = 0
+  if writer:
+    try:
+      if provenance is not None:
+        check_provenance(output, dict(
+            provenance, sampling=cfg.describe(), num_samples=num_samples, seed=seed,
+            use_chat_template=use_chat_template, prompts_sha256=file_sha256(prompts_path)),
+                         restart=restart)
+      done = count_done(output)
+      if done > len(rows):
+        raise ValueError(f"{output} has {done} lines but {prompts_path} only {len(rows)} "
+                         "prompts; it belongs to another prompts file")
+    except ValueError:
+      _from_process_0(-1)
+      raise
+  done = _from_process_0(done)
+  if done < 0:
+    raise RuntimeError(f"process 0 refused to continue {output}; its log says why")
+  if done == len(rows):
+    log(f"{output}: all {done} prompts already done")
+    return 0
   if done:
     log(f"{output}: {done} of {len(rows)} prompts already done; continuing")
+  # Prompts go to the sampler in blocks of several batches, so finished rows are refilled
+  # from the block (continuous batching); a block's lines are written when it finishes.
+  block = batch_size * BLOCK_BATCHES
   start, tokens_out = time.perf_counter(), 0
   written = 0
-  with open(output, "a", encoding="utf-8") as f:
+  with (open(output, "a", encoding="utf-8") if writer else contextlib.nullcontext()) as f:
     for b in range(done, len(rows), block):
       batch = rows[b:b + block]
       ids = [prompt_tokens(r, renderer, use_chat_template) for r in batch]
-      # Each block gets its own seed offset: the samples do not depend on where a rerun
-      # resumed.
-      samples = sampler.generate(ids, cfg, num_samples=num_samples, seed=seed + b,
+      samples = sampler.generate(ids, cfg, num_samples=num_samples, seed=seed, first_prompt=b,
                                  batch_size=batch_size, samples_at_once=samples_at_once)
       for row, s in zip(batch, samples):
         out = dict(row)
         out["response"] = [renderer.tokenizer.decode(x.tokens.tolist()) for x in s]
         out["completion_token_ids"] = [x.tokens.tolist() for x in s]
         out["finish_reason"] = [x.finish_reason for x in s]
-        f.write(json.dumps(out, ensure_ascii=False) + "\n")
+        if writer:
+          f.write(json.dumps(out, ensure_ascii=False) + "\n")
         tokens_out += sum(len(x.tokens) for x in s)
-      f.flush()
+      if writer:
+        f.flush()
       written += len(batch)
       elapsed = time.perf_counter() - start
       left = len(rows) - done - written

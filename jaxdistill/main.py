@@ -6,14 +6,12 @@ Run the same command on every host. Multi-process JAX starts by itself on TPU po
 SLURM clusters; elsewhere pass --coordinator_address, --num_processes and --process_id.
 """
 
-import os
-
 import jax
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxdistill import apps, settings
+from jaxdistill import apps, settings, startup
 from jaxdistill.demo import run as demo_run
 
 APPS = {"train": apps.train, "eval": apps.evaluate, "train_and_eval": apps.train_and_eval,
@@ -30,26 +28,6 @@ _HEARTBEAT = flags.DEFINE_integer(
     "heartbeat_timeout", 60, "Seconds without a peer's heartbeat before the survivors exit "
     "with an error instead of waiting forever in a collective.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def _cluster_detected() -> bool:
-  """True under a multi-task SLURM job or on a multi-host TPU slice."""
-  if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-    return True
-  return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
-
-
-def init_distributed() -> None:
-  explicit = _COORDINATOR.value is not None
-  if not (explicit or _cluster_detected()):
-    return
-  # Only the CPU backend reads this: multi-process CPU runs (tests, laptops) need gloo.
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  kwargs = dict(heartbeat_timeout_seconds=_HEARTBEAT.value)
-  if explicit:
-    kwargs.update(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                  process_id=_PROCESS_ID.value)
-  jax.distributed.initialize(**kwargs)
 
 
 class _QuietLibraries(logging.logging.Filter):
@@ -71,7 +49,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  init_distributed()
+  startup.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           _HEARTBEAT.value)
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
   run(_CONFIG.value, _WORKDIR.value)

@@ -5,10 +5,16 @@ Shape legend, used in einsum strings and `_XYZ` suffixes throughout jaxdistill:
   N query heads, K kv heads, G query heads per kv head (N // K), H head dim,
   F MLP hidden, V vocab, L layers.
 
-Inputs are `tokens_BT, positions_BT, segment_ids_BT` and an optional `KVCache`. A query
-attends to a key only when both carry the same non-zero segment id and the key's position is
-not after the query's, so packed rows (several examples in one row, positions restarting in
-each) never attend across examples, and padding (segment 0) is never attended to.
+Inputs are `tokens_BT, positions_BT, segment_ids_BT`. A query attends to a key only when
+both carry the same non-zero segment id and the key's position is not after the query's, so
+packed rows (several examples in one row, positions restarting in each) never attend across
+examples, and padding (segment 0) is never attended to.
+
+Every layer has one contract, `block(x_BTD, positions_BT, segment_ids_BT, cache) -> (x_BTD,
+cache)`, with two callers: `Transformer.__call__` runs the layers without a cache (each
+sequence attends to itself, training and loss evaluation), the sampler runs them with one
+`kvcache.LayerCache` each (prefill and decode: the step's keys and values are written into
+the cache, then attended to with everything already there).
 
 Parameter names follow Hugging Face's (`layers/self_attn/q_proj/kernel`, ...) so conversion
 is a table (hf.py); layers are stacked on a leading L axis and run under `jax.lax.scan`, so
@@ -26,7 +32,7 @@ from flax import nnx
 
 from jaxdistill import attention
 from jaxdistill.attention import attention_mask, dense_attention_cached
-from jaxdistill.kvcache import KVCache, write_rows
+from jaxdistill.kvcache import LayerCache
 from jaxdistill.model_config import ModelConfig
 from jaxdistill.sharding import param_shardings, shard
 
@@ -74,14 +80,15 @@ def apply_rope(x_BTNH: jax.Array, sin_BTh: jax.Array, cos_BTh: jax.Array) -> jax
 # -- Layers -----------------------------------------------------------------------------------
 
 class Dense(nnx.Module):
-  """A linear map with an optional bias on its output axes. `eqn` names the axes, as an einsum:
-  the kernel's leading axes are contracted with the input's last ones."""
+  """A linear map from an input's last axes `in_dims` to `out_dims`, with an optional bias on
+  the output axes: kernel [*in_dims, *out_dims] (e.g. q_proj: [D] -> [N, H], kernel
+  [D, N, H]; o_proj: [N, H] -> [D])."""
 
-  def __init__(self, eqn: str, kernel_shape, bias_shape, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    del eqn  # documentation at the call sites
+  def __init__(self, in_dims: tuple[int, ...], out_dims: tuple[int, ...], cfg: ModelConfig, *,
+               bias: bool = False, rngs: nnx.Rngs):
     init = nnx.initializers.normal(cfg.initializer_range)
-    self.kernel = nnx.Param(init(rngs.params(), kernel_shape, cfg.weight_dtype))
-    self.bias = nnx.Param(jnp.zeros(bias_shape, cfg.weight_dtype)) if bias_shape else None
+    self.kernel = nnx.Param(init(rngs.params(), in_dims + out_dims, cfg.weight_dtype))
+    self.bias = nnx.Param(jnp.zeros(out_dims, cfg.weight_dtype)) if bias else None
 
   def __call__(self, x):
     # One 2-D matrix product: B and T merge into the rows, the contracted axes (the kernel's
@@ -116,38 +123,44 @@ class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     bias = cfg.qkv_bias
-    self.q_proj = Dense("BTD,DNH->BTNH", (d, n, h), (n, h) if bias else None, cfg, rngs=rngs)
-    self.k_proj = Dense("BTD,DKH->BTKH", (d, k, h), (k, h) if bias else None, cfg, rngs=rngs)
-    self.v_proj = Dense("BTD,DKH->BTKH", (d, k, h), (k, h) if bias else None, cfg, rngs=rngs)
-    self.o_proj = Dense("BTNH,NHD->BTD", (n, h, d), None, cfg, rngs=rngs)
+    self.q_proj = Dense((d,), (n, h), cfg, bias=bias, rngs=rngs)
+    self.k_proj = Dense((d,), (k, h), cfg, bias=bias, rngs=rngs)
+    self.v_proj = Dense((d,), (k, h), cfg, bias=bias, rngs=rngs)
+    self.o_proj = Dense((n, h), (d,), cfg, rngs=rngs)
     self.impl, self.block = cfg.attention, cfg.attention_block
+    # Static (a tuple in the graph definition): each layer makes its own RoPE tables from the
+    # positions; unrolled, XLA merges the identical computations, and under the training
+    # scan they cost a fraction of a per-mille of the layer.
+    self.inv_freq = tuple(rope_inv_freq(cfg).tolist())
 
-  def __call__(self, x_BTD, sin, cos, mask_BTS, k_BKHS=None, v_BKSH=None, end_index_B=None,
-               pos_seg=None):
-    """With a cache ([B, K, H, S] keys, [B, K, S, H] values: kvcache.py), attends through
-    `mask_BTS` to it; without one, `mask_BTS` is None and `pos_seg` = (positions, segment
-    ids) of the sequence attending to itself."""
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache: LayerCache | None = None):
+    """Without a cache the sequence attends to itself (`attention.self_attention`, the
+    configured implementation); with one, the T tokens' keys and values are written at each
+    row's end index and the queries attend densely to the whole cache. Returns (out_BTD,
+    the updated cache or None)."""
+    sin, cos = rope_sin_cos(positions_BT, np.asarray(self.inv_freq, np.float32))
     q_BTNH = shard(apply_rope(self.q_proj(x_BTD), sin, cos), _BATCH_SEQ + ("heads", None))
     k_BTKH = apply_rope(self.k_proj(x_BTD), sin, cos)
     v_BTKH = self.v_proj(x_BTD)
-    if k_BKHS is not None:  # decode / prefill into the cache
-      k_BKHS = write_rows(k_BKHS, k_BTKH.transpose(0, 2, 3, 1), end_index_B, axis=2)
-      v_BKSH = write_rows(v_BKSH, v_BTKH.swapaxes(1, 2), end_index_B, axis=1)
-      out_BTNH = dense_attention_cached(q_BTNH, k_BKHS.astype(x_BTD.dtype),
-                                        v_BKSH.astype(x_BTD.dtype), mask_BTS)
+    if cache is None:
+      out_BTNH = attention.self_attention(q_BTNH, k_BTKH, v_BTKH, positions_BT, segment_ids_BT,
+                                          impl=self.impl, block=self.block)
     else:
-      out_BTNH = attention.self_attention(q_BTNH, k_BTKH, v_BTKH, *pos_seg, impl=self.impl,
-                                          block=self.block)
-    return self.o_proj(out_BTNH), k_BKHS, v_BKSH
+      cache = cache.write(k_BTKH, v_BTKH, positions_BT, segment_ids_BT)
+      mask_BTS = attention_mask(positions_BT, segment_ids_BT, cache.positions,
+                                cache.segment_ids)
+      out_BTNH = dense_attention_cached(q_BTNH, cache.keys().astype(x_BTD.dtype),
+                                        cache.values().astype(x_BTD.dtype), mask_BTS)
+    return self.o_proj(out_BTNH), cache
 
 
 class MLP(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     d, f = cfg.d_model, cfg.mlp_dim
-    self.gate_proj = Dense("BTD,DF->BTF", (d, f), None, cfg, rngs=rngs)
-    self.up_proj = Dense("BTD,DF->BTF", (d, f), None, cfg, rngs=rngs)
-    self.down_proj = Dense("BTF,FD->BTD", (f, d), None, cfg, rngs=rngs)
+    self.gate_proj = Dense((d,), (f,), cfg, rngs=rngs)
+    self.up_proj = Dense((d,), (f,), cfg, rngs=rngs)
+    self.down_proj = Dense((f,), (d,), cfg, rngs=rngs)
 
   def __call__(self, x_BTD):
     h_BTF = jax.nn.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD)
@@ -155,6 +168,7 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
+  """One decoder layer: the contract every caller runs layers by (module docstring)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.input_layernorm = RMSNorm(cfg.d_model, cfg)
@@ -162,13 +176,14 @@ class Block(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x_BTD, sin, cos, mask_BTS, k_BKHS=None, v_BKSH=None, end_index_B=None,
-               pos_seg=None):
-    attn, k_BKHS, v_BKSH = self.self_attn(self.input_layernorm(x_BTD), sin, cos, mask_BTS,
-                                          k_BKHS, v_BKSH, end_index_B, pos_seg)
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache: LayerCache | None = None):
+    """x [B, T, D], the T tokens' positions and segment ids [B, T], and optionally the layer's
+    cache -> (x [B, T, D], the cache after the step, or None)."""
+    attn, cache = self.self_attn(self.input_layernorm(x_BTD), positions_BT, segment_ids_BT,
+                                 cache)
     x_BTD = x_BTD + attn
     x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
-    return shard(x_BTD, _BATCH_SEQ + (None,)), k_BKHS, v_BKSH
+    return shard(x_BTD, _BATCH_SEQ + (None,)), cache
 
 
 _REMAT = {
@@ -199,22 +214,21 @@ class Transformer(nnx.Module):
     self.layers = make_layers(rngs)
     self.norm = RMSNorm(cfg.d_model, cfg)
     if not cfg.tie_embeddings:
-      self.lm_head = Dense("BTD,DV->BTV", (cfg.d_model, cfg.vocab_size), None, cfg, rngs=rngs)
+      self.lm_head = Dense((cfg.d_model,), (cfg.vocab_size,), cfg, rngs=rngs)
 
-  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None,
-               cache: KVCache | None = None, *, return_hidden: bool = False):
-    """Runs the model.
+  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *,
+               return_hidden: bool = False):
+    """Runs the model over whole sequences (no cache: the sampler runs the layers itself).
 
     Args:
       tokens_BT: int token ids.
       positions_BT: RoPE positions (default 0..T-1 in every row).
       segment_ids_BT: example ids for packed rows, 0 for padding (default all 1).
-      cache: optional KVCache; the T tokens are written at `cache.end_index` in each row and
-        attend to everything already in the row's cache.
       return_hidden: return the final normalised hidden states [B, T, D] instead of logits,
         so a loss can apply the output head in chunks (`unembed`).
     Returns:
-      (logits_BTV or hidden_BTD, updated cache or None).
+      (logits_BTV or hidden_BTD, None): the pair callers have always unpacked; the second
+      place held the cache while the model still ran one.
     """
     cfg = self.config
     b, t = tokens_BT.shape
@@ -222,61 +236,32 @@ class Transformer(nnx.Module):
       positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if segment_ids_BT is None:
       segment_ids_BT = jnp.ones((b, t), jnp.int32)
-    context = attention.context_size() if cache is None else 1
+    context = attention.context_size()
     if context > 1:  # sequence split over devices: reorder it so causal work is balanced
       attention.check_context_divides(t, context)
       tokens_BT, positions_BT, segment_ids_BT = (
           attention.to_balanced(x, context) for x in (tokens_BT, positions_BT, segment_ids_BT))
-    x_BTD = self.embed_tokens(tokens_BT).astype(cfg.dtype)
-    x_BTD = shard(x_BTD, _BATCH_SEQ + (None,))
-    sin, cos = rope_sin_cos(positions_BT, rope_inv_freq(cfg))
+    x_BTD = self.embed(tokens_BT)
+    graphdef, layer_state = nnx.split(self.layers)
 
-    if cache is None:
-      mask_BTS = None  # each layer attends by positions and segment ids (attention.py)
-      kv = None
-    else:
-      k_pos = write_rows(cache.positions, positions_BT, cache.end_index)
-      k_seg = write_rows(cache.segment_ids, segment_ids_BT, cache.end_index)
-      mask_BTS = attention_mask(positions_BT, segment_ids_BT, k_pos, k_seg)
-      kv = (cache.k, cache.v)
+    def body(x, state):
+      x, _ = nnx.merge(graphdef, state)(x, positions_BT, segment_ids_BT)
+      return x, None
 
-    end_index = None if cache is None else cache.end_index
-    if isinstance(self.layers, nnx.List):
-      # Layers held one by one (an nnx.List, as the sampler holds them): run them in turn,
-      # each with its own weight and cache buffers. A scan would slice each layer's weights
-      # out of the [L, ...] stack, which XLA:CPU copies on every call: three times the
-      # weight traffic of a decode step.
-      k_new, v_new = [], []
-      for i, layer in enumerate(self.layers):
-        k_l, v_l = (None, None) if kv is None else (kv[0][i], kv[1][i])
-        x_BTD, k_l, v_l = layer(x_BTD, sin, cos, mask_BTS, k_l, v_l, end_index,
-                                (positions_BT, segment_ids_BT))
-        k_new.append(k_l)
-        v_new.append(v_l)
-    else:
-      graphdef, layer_state = nnx.split(self.layers)
-
-      def body(x, xs):
-        state, k_l, v_l = xs
-        layer = nnx.merge(graphdef, state)
-        x, k_l, v_l = layer(x, sin, cos, mask_BTS, k_l, v_l, end_index,
-                            (positions_BT, segment_ids_BT))
-        return x, (k_l, v_l)
-
-      if cfg.remat != "none":
-        body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)
-      stacked = (None, None) if kv is None else tuple(jnp.stack(x) for x in kv)
-      x_BTD, (k_new, v_new) = jax.lax.scan(body, x_BTD, (layer_state,) + stacked)
-
-    if cache is not None:
-      cache = cache.replace(k=tuple(k_new), v=tuple(v_new), positions=k_pos, segment_ids=k_seg,
-                            end_index=cache.end_index + t)
+    if cfg.remat != "none":
+      body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)
+    x_BTD, _ = jax.lax.scan(body, x_BTD, layer_state)
     if context > 1:
       x_BTD = shard(attention.from_balanced(x_BTD, context), _BATCH_SEQ + (None,))
     hidden_BTD = self.norm(x_BTD)
     if return_hidden:
-      return hidden_BTD, cache
-    return self.unembed(hidden_BTD), cache
+      return hidden_BTD, None
+    return self.unembed(hidden_BTD), None
+
+  def embed(self, tokens_BT: jax.Array) -> jax.Array:
+    """Token ids [B, T] -> the first layer's input [B, T, D] in the compute dtype."""
+    x_BTD = self.embed_tokens(tokens_BT).astype(self.config.dtype)
+    return shard(x_BTD, _BATCH_SEQ + (None,))
 
   def unembed(self, hidden_BTD: jax.Array) -> jax.Array:
     """Output head: hidden [B, T, D] -> logits [B, T, V] in the compute dtype."""

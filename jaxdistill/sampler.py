@@ -7,20 +7,29 @@ between chunks, prompts whose samples have all finished (a stop id or `max_new_t
 are collected and their rows refilled with waiting prompts (continuous batching): only the
 incoming prompts are prefilled (their count rounded up to a power of two) and their rows
 written into the decode state in place. Prefill compiles once per (prompt count, P, cache
-length); decode once per (batch, cache length, sampling settings).
+length); decode once per (batch, cache length, sampling settings). What is sampled from the
+logits is the config's rule (rules.py); the loop carries the rule's per-row state.
 
 With `num_samples` > 1 each prompt is prefilled once, as one row, and its cache is then
 copied to its `num_samples` rows: the prompt's compute is shared, its cache memory is not.
 `samples_at_once` splits a prompt's samples into groups decoded in turn, each prefilled
 again, so that the cache need not hold every sample of a prompt at once.
 
+The sampler owns the cached path through the model: `model.embed`, then the layers by the
+one block contract (model.py) with a `LayerCache` each (`_run_layers`), then `model.norm`
+and `model.unembed`. Up to `UNROLL` layers run unrolled, each its own code reading its own
+weight and cache buffers; a deeper model runs a loop over its layers. The loop slices each
+layer's weights out of an [L, ...] stack, which XLA:CPU copies on every step: three times
+the weight traffic, twice the step time of a Qwen2.5-0.5B-wide layer. Unrolled code instead
+compiles in time linear in depth (an 80-layer decode step 8-13x the 8-layer one), the loop in
+time independent of it (tools/bench_decode.py --compile_depths; figures in `UNROLL`).
+
 Decode speed (tools/bench_decode.py) rests on these choices: the sampler holds the layer
-weights one array per layer and the cache is one array per layer (a scan over [L, ...]
-stacks makes XLA:CPU copy each layer's slice every step); the cache is laid out for
-attention's matrix products, keys [B, K, H, S] and values [B, K, S, H] (kvcache.py), and a
+weights one array per layer (unrolled) and the cache likewise (kvcache.py); the cache is
+laid out for attention's matrix products, keys [B, K, H, S] and values [B, K, S, H], and a
 tied embedding is held as [D, V] for the output head (`Embed`), each contracted axis leading,
 the layout XLA:CPU streams fastest into a few rows; greedy and the top-k / top-p cuts avoid
-sorting the vocabulary (`sample_token`); and the decode state is donated, so the cache is
+sorting the vocabulary (rules.py); and the decode state is donated, so the cache is
 updated in place.
 """
 
@@ -33,22 +42,35 @@ import math
 import time
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdistill import sharding
-from jaxdistill.kvcache import KVCache
+from jaxdistill import rules, sharding
+from jaxdistill.kvcache import KVCache, LayerCache
 from jaxdistill.model import Embed, Transformer
+
+# Most layers a decode step runs as unrolled code; a deeper model loops over its layers one
+# at a time (module docstring). Every preset up to 7B, and SmolLM2 (the real-model tests),
+# has 36 layers or fewer and keeps the faster unrolled step on CPU. Measured at the bench
+# width (AMD EPYC, 2 cores, batch 1; tools/bench_decode.py --compile_depths=8,80): the
+# 80-layer loop compiles in 0.4-0.65x the time of the 8-layer unrolled step (unrolled, the
+# 80-layer one takes 8-13x), and its step is no slower than the unrolled one there (16.7 vs
+# 26.2 ms: a layer fits in L2); with Qwen2.5-0.5B-wide layers the loop's step is about twice
+# the unrolled one's.
+# Groups of 2 to 20 layers per loop iteration stepped no faster and compiled longer.
+UNROLL = 36
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-  temperature: float = 0.6  # 0 = greedy
-  top_p: float = 0.95  # nucleus mass kept (1 = off)
-  top_k: int = 0  # most likely tokens kept (0 = off)
+  """What the decode loop needs; hashable (a static argument of the jitted decode)."""
+  # Chooses each token from the logits (rules.py); rules.rule_from(temperature, top_k, top_p)
+  # for the usual ones.
+  rule: rules.Rule = rules.rule_from(temperature=0.6, top_p=0.95)
   max_new_tokens: int = 1024
   stop_ids: tuple[int, ...] = ()  # any of these ends a row (it is kept in the output)
   cache_dtype: str = "float32"  # "float32" | "bfloat16"
@@ -57,116 +79,26 @@ class SamplingConfig:
   vocab_size: int = 0
 
   def __post_init__(self):
-    if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-      raise ValueError(f"bad sampling settings: temperature={self.temperature} (>= 0), "
-                       f"top_p={self.top_p} (in (0, 1]), top_k={self.top_k} (>= 0)")
+    if not callable(self.rule) or not hasattr(self.rule, "init"):
+      raise ValueError(f"rule={self.rule!r} is not a sampling rule (init and __call__, "
+                       "rules.py); a logit map such as Temperature goes into rules.chain(...)")
     if self.max_new_tokens < 1:
       raise ValueError(f"max_new_tokens={self.max_new_tokens} must be positive")
     if self.cache_dtype not in ("float32", "bfloat16"):
       raise ValueError(f"cache_dtype={self.cache_dtype!r} is not float32 or bfloat16")
+
+  def describe(self) -> dict:
+    """The settings as plain JSON values, for summaries and reports: temperature, top_k and
+    top_p of the rule (rules.describe), and the loop's own fields."""
+    return dict(rules.describe(self.rule), max_new_tokens=self.max_new_tokens,
+                stop_ids=list(self.stop_ids), cache_dtype=self.cache_dtype,
+                vocab_size=self.vocab_size)
 
 
 @dataclasses.dataclass(frozen=True)
 class Sample:
   tokens: np.ndarray  # int32 [n]: generated ids, the stop token included when there is one
   finish_reason: str  # "stop" | "length"
-
-
-def sample_token(logits_BV: jax.Array, key: jax.Array, temperature: float, top_k: int,
-                 top_p: float, *, candidates: int = 256) -> jax.Array:
-  """One token per row: the first argmax at temperature 0, else a draw from
-  softmax(logits / temperature) cut to the top_k likeliest ids, then to the top_p nucleus
-  (the fewest likeliest ids whose mass reaches top_p); ids tied with the last one kept stay.
-
-  Sorting the whole vocabulary (152k ids for Qwen) costs more than the rest of a CPU decode
-  step, so the cuts are found among the likeliest `candidates` (top_k + 1 with top_k) ids,
-  without changing the rule: the cut is a logit threshold, exact as soon as some candidate
-  falls below it (always, with top_k). When every id at or above the threshold is a candidate
-  the draw is among the candidates, else (ties across the last candidate) over the whole
-  vocabulary. Only a nucleus wider than the candidates sorts the whole vocabulary.
-
-  Args:
-    logits_BV: [B, V] logits.
-    key: [B] keys (one random stream per row) or a single key.
-    temperature, top_k, top_p: as in SamplingConfig.
-    candidates: how many likeliest ids top_p (without top_k) looks among before sorting.
-  Returns:
-    [B] int32 ids.
-  """
-  b, v = logits_BV.shape
-  if temperature == 0:
-    return _first_argmax(logits_BV)
-  keys = key if key.ndim else jax.random.split(key, b)
-  logits = logits_BV.astype(jnp.float32) / temperature
-  if top_k == 0 and top_p >= 1.0:
-    return _draw(keys, logits)
-  c = (top_k if top_k > 0 else candidates) + 1
-  if c > v:
-    return _draw(keys, _cut_by_sorting(logits, top_k, top_p))
-  # Descending. Its columns are read by reductions and gathers, never by static slices: XLA
-  # turns a top_k whose output is sliced into a sort of the whole row (~100x slower on CPU),
-  # the very cost this avoids.
-  vals, ids = jax.lax.top_k(logits, c)
-  top = jnp.max(vals, -1, keepdims=True)
-  last = jnp.min(vals, -1)
-  if top_k > 0:
-    first_k = jax.lax.broadcasted_iota(jnp.int32, vals.shape, 1) < top_k
-    kth = jnp.min(jnp.where(first_k, vals, jnp.inf), -1, keepdims=True)  # the k-th largest
-    kept = vals >= kth
-    # Ids tied with the k-th but not among the candidates are kept too: they weigh in the
-    # softmax the nucleus is cut from.
-    ties_out = jnp.sum(logits == kth, -1, keepdims=True) - jnp.sum(vals == kth, -1,
-                                                                    keepdims=True)
-    w = jnp.where(kept, jnp.exp(vals - top), 0.0)
-    probs = w / (jnp.sum(w, -1, keepdims=True) + ties_out * jnp.exp(kth - top))
-  else:
-    kept = jnp.ones(vals.shape, bool)
-    probs = jnp.exp(vals - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
-  if top_p < 1.0:
-    kept &= (jnp.cumsum(probs, axis=-1) - probs) < top_p
-  # The threshold is known once a candidate is cut (with top_k, the (k+1)-th always is).
-  threshold = jnp.min(jnp.where(kept, vals, jnp.inf), axis=-1, keepdims=True)
-  known = jnp.ones((b,), bool) if top_k > 0 else ~jnp.all(kept, -1)
-  inside = last < threshold[:, 0]  # every id at or above the threshold is a candidate
-
-  def among_candidates():
-    pick = _draw(keys, jnp.where(vals >= threshold, vals, -jnp.inf))
-    return jnp.take_along_axis(ids, pick[:, None], axis=1)[:, 0]
-
-  branch = jnp.where(jnp.all(inside), 0, jnp.where(jnp.all(known), 1, 2))
-  return jax.lax.switch(branch, [
-      among_candidates,
-      lambda: _draw(keys, jnp.where(logits >= threshold, logits, -jnp.inf)),
-      lambda: _draw(keys, _cut_by_sorting(logits, top_k, top_p))])
-
-
-def _cut_by_sorting(logits_BV, top_k: int, top_p: float) -> jax.Array:
-  """The top-k and top-p cuts on the whole vocabulary: dropped ids get -inf."""
-  logits = logits_BV
-  if top_k > 0:
-    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-  if top_p < 1.0:
-    sorted_desc = jnp.sort(logits, axis=-1)[:, ::-1]
-    probs = jax.nn.softmax(sorted_desc, axis=-1)
-    # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it
-    # is still below top_p.
-    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
-    threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits < threshold, -jnp.inf, logits)
-  return logits
-
-
-def _draw(keys_B: jax.Array, logits_BC: jax.Array) -> jax.Array:
-  return jax.vmap(jax.random.categorical)(keys_B, logits_BC).astype(jnp.int32)
-
-
-def _first_argmax(x_BV: jax.Array) -> jax.Array:
-  """`jnp.argmax` as two plain reductions: XLA:CPU's fused (value, index) reduction is several
-  times slower over a 152k vocabulary."""
-  top = jnp.max(x_BV, axis=-1, keepdims=True)
-  ids = jax.lax.broadcasted_iota(jnp.int32, x_BV.shape, 1)
-  return jnp.min(jnp.where(x_BV == top, ids, x_BV.shape[-1] - 1), axis=-1)
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -180,6 +112,7 @@ class Sampler:
   graphdef: nnx.GraphDef
   params: nnx.State
   num_layers: int
+  stacks: int  # blocks the decode step unrolls (stacks_for): num_layers, or 1 in a loop
   num_kv_heads: int
   head_dim: int
   max_positions: int
@@ -187,23 +120,25 @@ class Sampler:
 
   @classmethod
   def from_model(cls, model: Transformer, mesh: jax.sharding.Mesh | None = None, *,
-                 consume: bool = False) -> Sampler:
+                 consume: bool = False, unroll: int = UNROLL) -> Sampler:
     """`mesh`: the mesh the model's parameters live on; rows are then split over its
     data-parallel axes (the batch is padded to a multiple of them).
 
-    The sampler holds the layer weights one array per layer (`_unstack_layers`), a copy of
+    The sampler holds the layer weights one array per layer (`_decode_model`), a copy of
     the model's [L, ...] stacks: as much memory again as the layers while both live. With
     `consume` the stacks are freed once copied (evaluation of a loaded checkpoint), and the
-    model must not be used again.
+    model must not be used again. `unroll`: the most layers run as unrolled code; a deeper
+    model loops over its layers (`UNROLL`), on the model's own stacks (no copy).
     """
-    graphdef, params = nnx.split(_unstack_layers(model, consume))
     cfg = model.config
-    return cls(graphdef, params, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+    stacks = stacks_for(cfg.num_layers, unroll)
+    graphdef, params = nnx.split(_decode_model(model, stacks, consume))
+    return cls(graphdef, params, cfg.num_layers, stacks, cfg.num_kv_heads, cfg.head_dim,
                cfg.max_position_embeddings, mesh)
 
   def generate(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *,
                num_samples: int = 1, seed: int = 0, batch_size: int | None = None,
-               samples_at_once: int = 0, decode_chunk: int = 16,
+               samples_at_once: int = 0, decode_chunk: int = 16, first_prompt: int = 0,
                timings: dict[str, float] | None = None) -> list[list[Sample]]:
     """Samples `num_samples` continuations of each prompt, with continuous batching.
 
@@ -216,6 +151,9 @@ class Sampler:
     random stream (seed, prompt index, sample index, step), so results do not depend on
     `batch_size`, `samples_at_once` or on which rows a sample lands in.
 
+    On a mesh that spans processes every process calls this with the same arguments; each
+    feeds and reads only the rows on its own devices, and every process returns all samples.
+
     Args:
       prompts: token ids of each prompt.
       cfg: sampling settings.
@@ -224,6 +162,8 @@ class Sampler:
       batch_size: groups decoding at once (default: all).
       samples_at_once: samples of one prompt per group (0 = all); must divide num_samples.
       decode_chunk: decode steps between checks for finished groups.
+      first_prompt: the index of `prompts[0]` in a longer list sampled in parts: prompt i's
+        streams are those of prompt `first_prompt + i`, so the parts equal one call.
       timings: if given, its "prefill" and "decode" entries are increased by the seconds each
         phase took (prefill and refills; decode steps), measured to completion.
     Returns:
@@ -248,8 +188,9 @@ class Sampler:
     p = bucket(longest)
     static = dict(graphdef=self.graphdef, n=n, cache_len=p + cfg.max_new_tokens,
                   cache_dtype=jnp.bfloat16 if cfg.cache_dtype == "bfloat16" else jnp.float32,
-                  cfg=cfg, cache_shape=(self.num_layers, self.num_kv_heads, self.head_dim))
-    base_key = jax.random.key(seed)
+                  cfg=cfg, cache_shape=(self.num_layers, self.stacks, self.num_kv_heads,
+                                        self.head_dim))
+    seed_arr = self._put(np.asarray(seed, np.uint32))
     results: list[list[Sample | None]] = [[None] * num_samples for _ in prompts]
     waiting = list(range(len(groups)))
     owner = [-1] * slots  # group decoding in each slot
@@ -271,25 +212,29 @@ class Sampler:
           for r, s in enumerate(fill):
             g = waiting.pop(0)
             i, first[r] = groups[g]
-            owner[s], ids[r], dest[r] = g, i, s
+            owner[s], ids[r], dest[r] = g, first_prompt + i, s
             tokens[r, :len(prompts[i])] = prompts[i]
             lengths[r] = len(prompts[i])
           start = time.perf_counter()
           fresh = _prefill(self.params, self._put(tokens), self._put(lengths), self._put(ids),
-                           self._put(first), base_key, **static)
+                           self._put(first), seed_arr, **static)
           state = fresh if state is None else _insert(state, fresh, self._put(dest), n=n)
           if timings is not None:
             jax.block_until_ready(state)
             timings["prefill"] = timings.get("prefill", 0.0) + time.perf_counter() - start
         start = time.perf_counter()
         state = _decode(self.params, state, steps=decode_chunk, **static)
-        done = np.asarray(state.done).reshape(slots, n)
+        done = _to_host(state.done).reshape(slots, n)
         if timings is not None:
           timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - start
-        for s in range(slots):
-          if owner[s] >= 0 and done[s].all():
+        finished = [s for s in range(slots) if owner[s] >= 0 and done[s].all()]
+        if finished:
+          out, counts, stopped = (_to_host(x) for x in (state.out, state.count, state.stopped))
+          for s in finished:
             i, j = groups[owner[s]]
-            results[i][j:j + n] = self._collect(state, s, n)
+            results[i][j:j + n] = [
+                Sample(out[r, :counts[r]].copy(), "stop" if stopped[r] else "length")
+                for r in range(s * n, s * n + n)]
             owner[s] = -1
         if not waiting and all(o < 0 for o in owner):
           break
@@ -299,17 +244,21 @@ class Sampler:
     return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
   def _put(self, x: np.ndarray):
+    """Host data every process holds whole, as an array over the mesh: rows split over the
+    data axes (a scalar replicated); each process places only its own devices' part."""
     if self.mesh is None:
       return jnp.asarray(x)
-    return jax.device_put(x, sharding.batch_sharding(self.mesh, x.ndim))
+    spec = sharding.batch_sharding(self.mesh, x.ndim) if x.ndim else (
+        jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+    return jax.make_array_from_callback(x.shape, spec, lambda index: x[index])
 
-  @staticmethod
-  def _collect(state: _DecodeState, slot: int, n: int) -> list[Sample]:
-    rows = slice(slot * n, slot * n + n)
-    out, counts, stopped = (np.asarray(x[rows]) for x in (state.out, state.count,
-                                                         state.stopped))
-    return [Sample(out[j, :counts[j]].copy(), "stop" if stopped[j] else "length")
-            for j in range(n)]
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  """The whole of `x` on this host, also when its rows live on other processes' devices."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 @jax.tree_util.register_dataclass
@@ -318,6 +267,7 @@ class _DecodeState:
   """Everything the decode loop carries, one entry per row (R = prompts x samples)."""
   cache: KVCache
   logits: jax.Array  # [R, V] next-token logits
+  rule_state: Any  # the sampling rule's, every leaf [R, ...]
   lengths: jax.Array  # [R] prompt length
   keys: jax.Array  # [R] the row's random stream (prompt index, sample index)
   count: jax.Array  # [R] tokens generated
@@ -330,26 +280,28 @@ _STATIC = ("graphdef", "n", "cache_len", "cache_dtype", "cfg", "cache_shape")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _prefill(params, tokens_SP, lengths_S, prompt_ids_S, first_sample_S, base_key, *, graphdef,
+def _prefill(params, tokens_SP, lengths_S, prompt_ids_S, first_sample_S, seed, *, graphdef,
              n, cache_len, cache_dtype, cfg, cache_shape) -> _DecodeState:
   """Prefills S prompts once and lays each out as n sample rows, the samples numbered from
   its `first_sample_S` on."""
   model = nnx.merge(graphdef, params)
+  base_key = jax.random.key(seed)
   b, p = tokens_SP.shape
-  layers, kv_heads, head_dim = cache_shape
-  cache = KVCache.zeros(layers, b, cache_len, kv_heads, head_dim, cache_dtype)
+  layers, stacks, kv_heads, head_dim = cache_shape
+  cache = KVCache.zeros(layers, b, cache_len, kv_heads, head_dim, cache_dtype, stacks=stacks)
   positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
   segments = (positions < lengths_S[:, None]).astype(jnp.int32)
-  hidden_BPD, cache = model(tokens_SP, positions, segments, cache, return_hidden=True)
-  last_B1D = jnp.take_along_axis(hidden_BPD, (lengths_S - 1)[:, None, None], axis=1)
-  logits = model.unembed(last_B1D)[:, 0]
+  x_BPD, cache = _run_layers(model.layers, model.embed(tokens_SP), positions, segments, cache)
+  last_B1D = jnp.take_along_axis(x_BPD, (lengths_S - 1)[:, None, None], axis=1)
+  logits = model.unembed(model.norm(last_B1D))[:, 0]
   rep = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731
   cache = jax.tree.map(rep, cache.replace(end_index=lengths_S))
   rows = b * n
   sample_ids = rep(first_sample_S) + jnp.tile(jnp.arange(n, dtype=jnp.int32), b)
   keys = jax.vmap(lambda i, j: jax.random.fold_in(jax.random.fold_in(base_key, i), j))(
       rep(prompt_ids_S), sample_ids)
-  return _DecodeState(cache=cache, logits=rep(logits), lengths=rep(lengths_S), keys=keys,
+  return _DecodeState(cache=cache, logits=rep(logits), rule_state=cfg.rule.init(rows),
+                      lengths=rep(lengths_S), keys=keys,
                       count=jnp.zeros((rows,), jnp.int32), done=jnp.zeros((rows,), bool),
                       stopped=jnp.zeros((rows,), bool),
                       out=jnp.zeros((rows, cfg.max_new_tokens), jnp.int32))
@@ -383,7 +335,7 @@ def _decode(params, state: _DecodeState, *, steps, graphdef, n, cache_len, cache
       known = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) < cfg.vocab_size
       logits = jnp.where(known, logits, -jnp.inf)
     step_keys = jax.vmap(jax.random.fold_in)(st.keys, st.count)
-    token = _sample_rows(logits, step_keys, cfg)
+    token, rule_state = _sample_rows(cfg.rule, logits, step_keys, st.rule_state)
     active = ~st.done
     token = jnp.where(active, token, 0)
     write_at = jnp.minimum(st.count, cfg.max_new_tokens - 1)
@@ -396,49 +348,102 @@ def _decode(params, state: _DecodeState, *, steps, graphdef, n, cache_len, cache
     # clamped at the end of their own row and they are refilled before being read again.
     pos = (st.lengths + jnp.minimum(st.count, cfg.max_new_tokens - 1))[:, None]
     cache = st.cache.replace(end_index=jnp.minimum(st.lengths + st.count, _cache_len(st) - 1))
-    new_logits, cache = model(token[:, None], pos, jnp.ones((rows, 1), jnp.int32), cache)
-    return i + 1, dataclasses.replace(st, cache=cache, logits=new_logits[:, 0], count=count,
-                                      done=done, stopped=st.stopped | hit_stop, out=out)
+    x_B1D, cache = _run_layers(model.layers, model.embed(token[:, None]), pos,
+                               jnp.ones((rows, 1), jnp.int32), cache)
+    new_logits = model.unembed(model.norm(x_B1D))[:, 0]
+    return i + 1, dataclasses.replace(st, cache=cache, logits=new_logits, rule_state=rule_state,
+                                      count=count, done=done, stopped=st.stopped | hit_stop,
+                                      out=out)
 
   _, state = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state))
   return state
 
 
-def _sample_rows(logits_BV, keys_B, cfg: SamplingConfig) -> jax.Array:
-  """`sample_token` with each device drawing for its own rows (`shard_map` over the batch
-  axes): a row's cuts need all of its ids, which the model leaves split over tp."""
-  draw = lambda l, k: sample_token(l, k, cfg.temperature, cfg.top_k, cfg.top_p)  # noqa: E731
+def _sample_rows(rule: rules.Rule, logits_BV, keys_B, state):
+  """`rule` with each device choosing for its own rows (`shard_map` over the batch axes): a
+  row's cuts need all of its ids, which the model leaves split over tp. The rule's state is
+  split with the rows."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
-    return draw(logits_BV, keys_B)
-  rows = sharding.logical_to_spec(("batch",))
-  return jax.shard_map(draw, mesh=mesh, in_specs=(sharding.logical_to_spec(("batch", None)), rows),
-                       out_specs=rows)(logits_BV, keys_B)
+    return rule(logits_BV, keys_B, state)
+  rows = lambda x: sharding.logical_to_spec(("batch",) + (None,) * (x.ndim - 1))  # noqa: E731
+  state_specs = jax.tree.map(rows, state)
+  return jax.shard_map(rule, mesh=mesh, in_specs=(rows(logits_BV), rows(keys_B), state_specs),
+                       out_specs=(rows(keys_B), state_specs))(logits_BV, keys_B, state)
+
+
+def _run_layers(blocks: nnx.List, x_BTD, positions_BT, segment_ids_BT, cache: KVCache
+                ) -> tuple[jax.Array, KVCache]:
+  """The model's layers over a cache: x [B, T, D] of T new tokens -> (the last layer's
+  output, the cache with the tokens written at each row's end index and advanced past them).
+
+  `blocks` holds G Blocks whose weights are stacked [L / G, ...], as the cache's G stacks hold
+  their keys and values ([B, L / G, ...]): layer j * G + g is block g at index j. With one
+  layer per stack (G = L) the layers are unrolled, each on weights and a cache of its own;
+  otherwise a loop runs j over the stacks, the G blocks unrolled in its body.
+  """
+  depth = cache.k[0].shape[1]  # layers per stack
+  parts = [nnx.split(block) for block in blocks]
+
+  def group(j, x, k, v):
+    k, v, after = list(k), list(v), None
+    for g, (graphdef, stacked) in enumerate(parts):
+      weights = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, j, keepdims=False),
+                             stacked)
+      # Every layer enters the step's tokens into the slots as they were before the step.
+      layer_cache = LayerCache(k[g], v[g], j, cache.positions, cache.segment_ids,
+                               cache.end_index)
+      x, after = nnx.merge(graphdef, weights)(x, positions_BT, segment_ids_BT, layer_cache)
+      k[g], v[g] = after.k, after.v
+    return x, tuple(k), tuple(v), (after.positions, after.segment_ids, after.end_index)
+
+  if depth == 1:
+    x_BTD, k, v, slots = group(0, x_BTD, cache.k, cache.v)
+  else:
+    slots = (cache.positions, cache.segment_ids, cache.end_index)
+    x_BTD, k, v, slots = jax.lax.fori_loop(
+        0, depth, lambda j, c: group(j, *c[:3]), (x_BTD, cache.k, cache.v, slots))
+  positions, segment_ids, end_index = slots
+  return x_BTD, cache.replace(k=k, v=v, positions=positions, segment_ids=segment_ids,
+                              end_index=end_index)
 
 
 def _cache_len(state: _DecodeState) -> int:
   return state.cache.length
 
 
-def _unstack_layers(model: Transformer, consume: bool = False) -> Transformer:
-  """A second module over `model`'s weights, its layers L separate Blocks (an nnx.List).
+def stacks_for(num_layers: int, unroll: int) -> int:
+  """Blocks a decode step unrolls (`_run_layers`): every layer up to `unroll` layers, else one,
+  looped over the layers."""
+  if unroll < 1:
+    raise ValueError(f"unroll={unroll} must be at least 1")
+  return num_layers if num_layers <= unroll else 1
 
-  A decode step reads each weight once; run as a scan over the [L, ...] stack, XLA:CPU first
-  copies each layer's slice out of the stack, tripling the step's weight traffic. The split
-  copies the layer weights once (the final norm and an untied head stay shared); a tied
-  embedding is copied as [D, V], the faster layout for the output head (`Embed`). With
-  `consume` the model's stacks and tied embedding are donated to the copies and freed.
+
+def _decode_model(model: Transformer, stacks: int, consume: bool = False) -> Transformer:
+  """A second module over `model`'s weights for `_run_layers`: its layers `stacks` Blocks (an
+  nnx.List), block g holding layers g, g + stacks, ... stacked [L / stacks, ...].
+
+  With one layer per block (stacks = L) a decode step reads each weight where it lies; run
+  as a loop over the [L, ...] stack, XLA:CPU first copies each layer's slice out of it,
+  tripling the step's weight traffic. The split copies the layer weights once (the final
+  norm and an untied head stay shared); a tied embedding is copied as [D, V], the faster
+  layout for the output head (`Embed`). With `consume` the model's stacks and tied embedding
+  are donated to the copies and freed. With one block (a loop over the layers) the block is
+  the model's own [L, ...] stacks, shared, not copied. The module's `layers` are for
+  `_run_layers`, not for `Transformer.__call__`.
   """
   graphdef, state = nnx.split(model)
   model = nnx.merge(graphdef, state)
   layer_def, stacked = nnx.split(model.layers)
-  if consume:
+  if stacks == 1:
+    per_block = [stacked]
+  else:
+    split = _split_stack_donated if consume else _split_stack
     with warnings.catch_warnings():  # slices cannot reuse the stack's buffers; it is freed
       warnings.filterwarnings("ignore", "Some donated buffers were not usable")
-      per_layer = _split_stack_donated(stacked, model.config.num_layers)
-  else:
-    per_layer = _split_stack(stacked, model.config.num_layers)
-  model.layers = nnx.List([nnx.merge(layer_def, st) for st in per_layer])
+      per_block = split(stacked, stacks)
+  model.layers = nnx.List([nnx.merge(layer_def, st) for st in per_block])
   if model.config.tie_embeddings:
     transpose = _transpose_donated if consume else _transpose
     with warnings.catch_warnings():
@@ -447,8 +452,12 @@ def _unstack_layers(model: Transformer, consume: bool = False) -> Transformer:
   return model
 
 
-def _split_stack_impl(stacked: nnx.State, n: int) -> list[nnx.State]:
-  return [jax.tree.map(lambda a: a[i], stacked) for i in range(n)]
+def _split_stack_impl(stacked: nnx.State, stacks: int) -> list[nnx.State]:
+  """[L, ...] leaves -> `stacks` states of [L / stacks, ...] leaves, layer j * stacks + g at
+  index j of state g."""
+  def part(a, g):
+    return a.reshape((-1, stacks) + a.shape[1:])[:, g]
+  return [jax.tree.map(lambda a: part(a, g), stacked) for g in range(stacks)]
 
 
 _split_stack = jax.jit(_split_stack_impl, static_argnums=1)

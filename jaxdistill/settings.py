@@ -185,7 +185,7 @@ def parse(c: ml_collections.ConfigDict) -> Settings:
              top_k=e.top_k, max_new_tokens=e.max_new_tokens, greedy=e.greedy,
              batch_size=e.batch_size, samples_at_once=e.samples_at_once, limit=e.limit,
              instruction=e.instruction, seed=e.seed, compute_dtype=e.compute_dtype,
-             cache_dtype=e.cache_dtype, grading_workers=e.grading_workers)
+             cache_dtype=e.cache_dtype, grading_workers=e.grading_workers, restart=e.restart)
   if problems:
     raise ConfigError(problems)
   return Settings(

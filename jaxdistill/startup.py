@@ -8,6 +8,7 @@ init.checkpoint > init.hf_dir > random init of model.preset.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -21,6 +22,30 @@ from jaxdistill.model import Transformer
 from jaxdistill.model_config import ModelConfig
 
 SOURCE_KINDS = ("resume", "checkpoint", "hf", "random")
+
+
+def _cluster_detected() -> bool:
+  """True under a multi-task SLURM job or on a multi-host TPU slice."""
+  if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    return True
+  return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def init_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None, heartbeat_timeout: int = 60) -> None:
+  """Starts multi-process JAX: by itself on TPU pods and SLURM, else from the explicit
+  coordinator address, process count and index; does nothing for one process. Call it before
+  anything touches a device."""
+  explicit = coordinator_address is not None
+  if not (explicit or _cluster_detected()):
+    return
+  # Only the CPU backend reads this: multi-process CPU runs (tests, laptops) need gloo.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  kwargs = dict(heartbeat_timeout_seconds=heartbeat_timeout)
+  if explicit:
+    kwargs.update(coordinator_address=coordinator_address, num_processes=num_processes,
+                  process_id=process_id)
+  jax.distributed.initialize(**kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +67,28 @@ class WeightSource:
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
+
+  def identity(self, cfg: ModelConfig, seed: int) -> dict:
+    """What decides the weights, for the provenance record beside evaluation outputs: a
+    checkpoint by its root and step, a Hugging Face directory by its config and each weight
+    file's size and header hash (the tensor names, shapes, dtypes and offsets), a random
+    init by its config and seed."""
+    out = {"kind": self.kind, "model_config": cfg.to_dict()}
+    if self.kind in ("resume", "checkpoint"):
+      out.update(checkpoint=checkpoint.checkpoint_root(self.path), step=self.step)
+    elif self.kind == "hf":
+      files = {}
+      for name in sorted(os.listdir(self.path)):
+        if name.endswith(".safetensors"):
+          path = os.path.join(self.path, name)
+          with open(path, "rb") as f:
+            header = f.read(int.from_bytes(f.read(8), "little"))
+          files[name] = {"bytes": os.path.getsize(path),
+                         "header_sha256": hashlib.sha256(header).hexdigest()}
+      out.update(hf_dir=os.path.abspath(self.path), weight_files=files)
+    else:
+      out.update(seed=seed)
+    return out
 
 
 def find_weight_source(s: settings_lib.Settings, workdir: str) -> tuple[WeightSource,
@@ -76,6 +123,26 @@ def load_weights(source: WeightSource, cfg: ModelConfig, mesh, seed: int) -> Tra
   if source.kind == "hf":
     return hf.load_hf_model(source.path, mesh, **overrides)
   return model_lib.create_model(cfg, mesh, seed=seed)
+
+
+def with_recorded_tokenizer(s: settings_lib.Settings, source: WeightSource
+                            ) -> settings_lib.Settings:
+  """`s` with the tokenizer and chat template the training run behind `source` recorded, when
+  `s` names no tokenizer and the weights come from a training checkpoint. An explicit
+  data.chat_template (not "auto") is kept."""
+  if s.data.tokenizer or source.kind not in ("resume", "checkpoint"):
+    return s
+  recorded = checkpoint.load_run_config(source.path, source.step)
+  data = recorded.get("data", {})
+  tokenizer = data.get("tokenizer") or recorded.get("init", {}).get("hf_dir", "")
+  if not tokenizer:
+    return s
+  template = (s.data.chat_template if s.data.chat_template != "auto"
+              else data.get("chat_template", "auto"))
+  logging.info("tokenizer %s and chat template %r as recorded by %s", tokenizer, template,
+               source)
+  return dataclasses.replace(s, data=dataclasses.replace(s.data, tokenizer=tokenizer,
+                                                         chat_template=template))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
 # Runs the main job as N JAX processes on this machine, talking over 127.0.0.1.
 #
-#   launch/local.sh [-n N] [--cpu_devices K] [--port P] [--dry_run] -- MAIN_ARGS...
+#   launch/local.sh [-n N] [--cpu_devices K] [--port P] [--script S] [--dry_run] -- ARGS...
 #   launch/local.sh -n 2 -- --config=configs/tiny.py --workdir=runs/tiny2
+#   launch/local.sh -n 2 --script tools/generate.py -- --init=DIR --prompts=P --output=O
 #
 #   -n N             processes (default 2)
 #   --cpu_devices K  on CPU, simulated devices per process (sets XLA_FLAGS; default: unset)
 #   --port P         coordinator port (default: a free one)
+#   --script S       run this Python script instead of the main job (tools/generate.py)
 #   --dry_run        print the commands instead of running them
 # Process 0 logs to the terminal, process i > 0 to /tmp/jaxdistill-<port>-<i>.log.
 # Ctrl-C / SIGTERM are forwarded to every process (each checkpoints and exits).
 set -euo pipefail
-n=2; cpu_devices=""; port=""; dry_run=0
+n=2; cpu_devices=""; port=""; dry_run=0; program=(-m jaxdistill.main)
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -n) n="$2"; shift 2 ;;
     --cpu_devices) cpu_devices="$2"; shift 2 ;;
     --port) port="$2"; shift 2 ;;
     --dry_run) dry_run=1; shift ;;
+    --script) program=("$2"); shift 2 ;;
     --) shift; break ;;
     *) echo "unknown option $1 (main-job arguments go after --)" >&2; exit 2 ;;
   esac
@@ -33,7 +36,7 @@ if [[ -n "$cpu_devices" ]]; then
 fi
 pids=()
 for ((i = 0; i < n; i++)); do
-  cmd=("${env_prefix[@]}" "$python" -m jaxdistill.main "$@" "--coordinator_address=127.0.0.1:$port"
+  cmd=("${env_prefix[@]}" "$python" "${program[@]}" "$@" "--coordinator_address=127.0.0.1:$port"
        "--num_processes=$n" "--process_id=$i")
   if [[ $dry_run -eq 1 ]]; then
     printf '%q ' "${cmd[@]}"; echo

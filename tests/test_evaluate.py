@@ -49,6 +49,8 @@ def test_eval_writes_reports_and_resumes_to_the_same_summary(tmp_path, monkeypat
   lines = (tmp_path / "full" / "eval" / "aime24" / "generations.jsonl").read_text()
   cut = lines.splitlines(keepends=True)
   (part / "generations.jsonl").write_text("".join(cut[:2]) + cut[2][:30])
+  record = "generations.jsonl.provenance.json"
+  (part / record).write_bytes((tmp_path / "full" / "eval" / "aime24" / record).read_bytes())
   again = main_lib.run(c, str(tmp_path / "part"))
   for task in full:
     assert again[task]["accuracy"] == full[task]["accuracy"]
@@ -56,6 +58,13 @@ def test_eval_writes_reports_and_resumes_to_the_same_summary(tmp_path, monkeypat
     b = json.loads((tmp_path / "full" / "eval" / task / "summary.json").read_text())
     assert a == b
   assert (part / "generations.jsonl").read_text() == lines
+  # Finished: a rerun samples nothing and reports the same summaries.
+  stamp = (part / "generations.jsonl").stat().st_mtime_ns
+  assert main_lib.run(c, str(tmp_path / "part")) == again
+  assert (part / "generations.jsonl").stat().st_mtime_ns == stamp
+  # Other sampling settings over these outputs are refused, naming the difference.
+  with pytest.raises(ValueError, match=r"sampled with other settings.*temperature: 0\.6 -> 0\.7"):
+    main_lib.run(_config(temperature=0.7), str(tmp_path / "part"))
 
 
 def test_unknown_task_is_a_clear_error(tmp_path, monkeypatch):

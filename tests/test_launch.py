@@ -89,3 +89,24 @@ def test_missing_arguments_are_usage_errors():
   assert _sh("launch/tpu_pod.sh", "--", "--config=c.py").returncode == 2
   assert _sh("launch/slurm.sh", "--dry_run", "--", "--config=c.py").returncode == 2
   assert _sh("launch/local.sh", "-n", "2").returncode == 2
+
+
+def test_two_processes_evaluate_like_one_process_with_four_devices(tmp_path):
+  """A sampled evaluation (n=4, top-p, more prompts than slots, so slots are refilled) over a
+  mesh that spans two processes writes byte-identical generations and the same summary as
+  one process of four devices; only process 0 writes."""
+  args = ["--config=configs/tiny.py", "--config.mode=eval", "--config.mesh.shape=(2, -1, 1, 1)",
+          "--config.eval.tasks=aime24", "--config.eval.limit=5", "--config.eval.num_samples=4",
+          "--config.eval.max_new_tokens=16", "--config.eval.batch_size=2",
+          "--config.eval.temperature=0.6", "--config.eval.top_p=0.9"]
+  single, multi = tmp_path / "single", tmp_path / "multi"
+  r = _main(single, *args, devices=4)
+  assert r.returncode == 0, r.stderr[-3000:]
+  r = _sh("launch/local.sh", "-n", "2", "--cpu_devices", "2", "--", *args, f"--workdir={multi}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  for name in ("generations.jsonl", "greedy.jsonl", "summary.json", "graded.jsonl"):
+    one = (single / "eval" / "aime24" / name).read_bytes()
+    assert one == (multi / "eval" / "aime24" / name).read_bytes(), name
+  rows = [json.loads(x) for x in (single / "eval" / "aime24" / "generations.jsonl").open()]
+  assert len(rows) == 5 and all(len(r["response"]) == 4 for r in rows)
+  assert len({tuple(t) for r in rows for t in r["completion_token_ids"]}) > 5  # sampled

@@ -196,3 +196,34 @@ def test_unknown_override_key_is_an_error(tmp_path):
   r = subprocess.run(_cmd(str(tmp_path), "--config.train.learning_rate=1e-3"), cwd=ROOT,
                      env=_env(), capture_output=True, text=True, timeout=120)
   assert r.returncode != 0 and "learning_rate" in r.stderr
+
+
+def _readme_command(marker):
+  """The README's bash command containing `marker`, as an argument list."""
+  import shlex  # pylint: disable=g-import-not-at-top
+  text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+  blocks = [b.split("```", 1)[0] for b in text.split("```bash\n")[1:]]
+  block = next(b for b in blocks if marker in b)
+  return shlex.split(block.replace("\\\n", " "))
+
+
+def test_readme_eval_command_after_the_tiny_run(uninterrupted, tmp_path):
+  """The README's evaluation of a tiny SFT run, as printed: the checkpoint brings its own
+  tokenizer and template; without the README's max_new_tokens the run is refused before the
+  weights load, with what fits."""
+  train_dir, _ = uninterrupted
+  args = _readme_command("runs/tiny_eval")
+  assert args[:3] == ["python", "-m", "jaxdistill.main"]
+  args = [sys.executable] + [a.replace("runs/tiny_eval", str(tmp_path / "eval")).replace(
+      "runs/tiny", train_dir) for a in args[1:]]
+  too_long = [a for a in args if not a.startswith("--config.eval.max_new_tokens")]
+  r = subprocess.run(too_long, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode != 0 and "set eval.max_new_tokens to at most" in r.stderr, r.stderr[-2000:]
+  assert "restoring step" not in r.stderr  # refused before any weights were read
+  r = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "as recorded by resume" not in r.stderr and "as recorded by init.checkpoint" in r.stderr
+  summary = json.loads((tmp_path / "eval" / "eval" / "aime24" / "summary.json").read_text())
+  assert summary["problems"] == 3 and summary["samples"] == 12
+  assert summary["model"]["init"].startswith(f"init.checkpoint={train_dir}")

@@ -101,27 +101,35 @@ def test_packed_segments_equal_separate_sequences(kind, request):
   np.testing.assert_array_equal(np.asarray(got2[0, 23:40]), np.asarray(got[0, 23:40]))
 
 
-@pytest.mark.parametrize("layers", ["stacked", "one_by_one"])
-def test_kv_cache_prefill_then_decode_equals_full_forward(layers, tiny_llama_dir):
-  # Both ways the model runs its layers: the [L, ...] stack under a scan (training) and the
-  # sampler's layers one by one.
+@pytest.mark.parametrize("unroll", [99, 1])
+def test_kv_cache_prefill_then_decode_equals_full_forward(unroll, tiny_llama_dir):
+  # The model's forward (the [L, ...] stack under a scan) against the sampler's cached path
+  # through the same blocks, both ways it runs them: every layer unrolled on its own weights
+  # and cache (unroll 99), and a loop over layers stacked [L, ...] in weights and cache.
   from jaxdistill import sampler  # pylint: disable=g-import-not-at-top
   model = hf.load_hf_model(tiny_llama_dir)
   cfg = model.config
   tokens = _tokens((2, 20), seed=4)
   full, _ = model(jnp.asarray(tokens))
-  if layers == "one_by_one":
-    model = sampler._unstack_layers(model)  # pylint: disable=protected-access
-  cache = KVCache.zeros(cfg.num_layers, 2, 32, cfg.num_kv_heads, cfg.head_dim)
-  pos = np.broadcast_to(np.arange(20), (2, 20))
-  seg = np.ones((2, 20), int)
-  logits, cache = model(jnp.asarray(tokens[:, :12]), jnp.asarray(pos[:, :12]),
-                        jnp.asarray(seg[:, :12]), cache)
+  stacks = sampler.stacks_for(cfg.num_layers, unroll)
+  assert stacks == (cfg.num_layers if unroll > cfg.num_layers else 1)
+  decoder = sampler._decode_model(model, stacks)  # pylint: disable=protected-access
+  cache = KVCache.zeros(cfg.num_layers, 2, 32, cfg.num_kv_heads, cfg.head_dim, stacks=stacks)
+  pos = jnp.asarray(np.broadcast_to(np.arange(20), (2, 20)))
+  seg = jnp.ones((2, 20), jnp.int32)
+
+  @jax.jit
+  def step(cache, tokens, pos, seg):
+    x, cache = sampler._run_layers(  # pylint: disable=protected-access
+        decoder.layers, decoder.embed(tokens), pos, seg, cache)
+    return decoder.unembed(decoder.norm(x)), cache
+
+  logits, cache = step(cache, jnp.asarray(tokens[:, :12]), pos[:, :12], seg[:, :12])
   np.testing.assert_allclose(np.asarray(logits), np.asarray(full[:, :12]), atol=1e-5)
   for t in range(12, 20):
-    step, cache = model(jnp.asarray(tokens[:, t:t + 1]), jnp.asarray(pos[:, t:t + 1]),
-                        jnp.asarray(seg[:, t:t + 1]), cache)
-    np.testing.assert_allclose(np.asarray(step[:, 0]), np.asarray(full[:, t]), atol=1e-5)
+    logits, cache = step(cache, jnp.asarray(tokens[:, t:t + 1]), pos[:, t:t + 1],
+                         seg[:, t:t + 1])
+    np.testing.assert_allclose(np.asarray(logits[:, 0]), np.asarray(full[:, t]), atol=1e-5)
   np.testing.assert_array_equal(np.asarray(cache.end_index), [20, 20])
 
 

@@ -108,12 +108,13 @@ def test_eval_estimate_is_within_20_percent_of_the_decode_step():
   mesh = sharding.make_mesh(mesh_shape, jax.devices()[:4])
   # The sampler's own module: its layers one by one, each weight sharded as in the stack.
   model = model_lib.create_model(cfg, mesh)
-  graphdef, params = nnx.split(sampler._unstack_layers(model))  # pylint: disable=protected-access
+  own = sampler.Sampler.from_model(model)
+  graphdef, params = own.graphdef, own.params
   params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                         params)
   static = dict(graphdef=graphdef, n=n, cache_len=prompt + new, cache_dtype=jnp.float32,
                 cfg=sampler.SamplingConfig(max_new_tokens=new),
-                cache_shape=(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim))
+                cache_shape=(cfg.num_layers, own.stacks, cfg.num_kv_heads, cfg.head_dim))
   tokens = jax.ShapeDtypeStruct((slots, prompt), jnp.int32,
                                 sharding=sharding.batch_sharding(mesh, 2))
   lengths = jax.ShapeDtypeStruct((slots,), jnp.int32, sharding=sharding.batch_sharding(mesh, 1))

@@ -1,4 +1,7 @@
-"""Sampler: greedy equals transformers' generate, padding invariance, stops, sampling laws."""
+"""Sampler: greedy equals transformers' generate, padding invariance, stops, sampling laws,
+sampling rules as objects (stateless and with per-row state)."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -6,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from jaxdistill import hf
-from jaxdistill.sampler import Sampler, SamplingConfig, sample_token
+from jaxdistill import hf, rules
+from jaxdistill.rules import sample_token
+from jaxdistill.sampler import Sampler, SamplingConfig
 from tests import hf_fixtures
 
-GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=12)
+GREEDY = SamplingConfig(rules.Greedy(), max_new_tokens=12)
 
 
 def _assert_varied(results):
@@ -62,7 +66,7 @@ def test_stop_tokens_end_rows_independently(tiny_llama_dir):
   free = sampler.generate(prompts, GREEDY)
   _assert_varied(free)
   stop = int(free[0][0].tokens[3])
-  got = sampler.generate(prompts, SamplingConfig(temperature=0.0, max_new_tokens=12,
+  got = sampler.generate(prompts, SamplingConfig(rules.Greedy(), max_new_tokens=12,
                                                  stop_ids=(stop,)))
   first = list(free[0][0].tokens).index(stop)
   np.testing.assert_array_equal(got[0][0].tokens, free[0][0].tokens[:first + 1])
@@ -74,7 +78,7 @@ def test_stop_tokens_end_rows_independently(tiny_llama_dir):
 
 def test_samples_are_seeded_and_prompt_prefilled_once(tiny_qwen2_dir):
   sampler = Sampler.from_model(hf.load_hf_model(tiny_qwen2_dir))
-  cfg = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=8)
+  cfg = SamplingConfig(rules.rule_from(1.0), max_new_tokens=8)
   prompts = _prompts([4, 11], seed=3)
   a = sampler.generate(prompts, cfg, num_samples=4, seed=7)
   b = sampler.generate(prompts, cfg, num_samples=4, seed=7)
@@ -135,6 +139,111 @@ def test_cuts_among_candidates_equal_the_full_vocabulary_rule(candidates):
   assert _frequencies(np.zeros(5), n=10, temperature=0.0, top_k=0, top_p=1.0)[0] == 1.0
 
 
+def test_rule_parts_as_written():
+  logits = jnp.asarray(np.log([[0.1, 0.4, 0.2, 0.2, 0.1]]))
+  inf = -np.inf
+  # Greedy: the first of tied maxima, whatever the key.
+  assert rules.Greedy()(jnp.asarray([[1.0, 3.0, 3.0, 2.0]]), None, ())[0].tolist() == [1]
+  np.testing.assert_allclose(rules.Temperature(0.5)(logits), logits * 2)
+  # TopK keeps ids tied with the k-th: top-2 is 0.4 and both 0.2s.
+  np.testing.assert_array_equal(np.isfinite(rules.TopK(2)(logits)), [[0, 1, 1, 1, 0]])
+  # TopP keeps an id while the mass before it is below p: 0.4 (before: 0) and 0.2 (0.4); the
+  # other 0.2, tied with the last one kept, stays too.
+  np.testing.assert_array_equal(np.isfinite(rules.TopP(0.5)(logits)), [[0, 1, 1, 1, 0]])
+  np.testing.assert_array_equal(np.isfinite(rules.TopP(0.3)(logits)), [[0, 1, 0, 0, 0]])
+  np.testing.assert_array_equal(rules.TopK(9)(logits), logits)  # k past the vocabulary
+  assert float(rules.TopP(0.3)(logits)[0, 0]) == inf
+  for bad, match in [(lambda: rules.chain(rules.TopP(0.9), rules.TopK(5)), "one TopK, then"),
+                     (lambda: rules.chain(rules.TopP(0.9), rules.Temperature(2.0)), "after every"),
+                     (lambda: rules.chain(rules.Greedy(), rules.Temperature(2.0)), "comes last"),
+                     (lambda: rules.chain(rules.TopK(3), rules.Greedy()), "argmax"),
+                     (lambda: rules.Temperature(0.0), "Greedy"),
+                     (lambda: SamplingConfig(rules.Temperature(0.7)), "rules.chain")]:
+    with pytest.raises(ValueError, match=match):
+      bad()
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p, candidates", [
+    (1.0, 0, 0.8, 3), (1.0, 0, 0.8, 1), (0.7, 2, 1.0, 256), (1.3, 3, 0.7, 256),
+    (0.5, 0, 1.0, 256)])
+def test_chained_rules_draw_what_sample_token_draws_by_the_rule_as_written(
+    temperature, top_k, top_p, candidates):
+  """The chain fuses TopK/TopP into one cut among candidates (with 1 candidate the nucleus is
+  wider: the vocabulary is sorted). Same keys, same draws as `sample_token` (whose draws the
+  refactor kept: checked against the earlier implementation on 576 settings); and the law of
+  the draws is the softmax of the parts applied as written, over the whole vocabulary."""
+  logits = np.log(np.array([0.1, 0.3, 0.15, 0.15, 0.25, 0.05]))
+  parts = [rules.Temperature(temperature)] + ([rules.TopK(top_k)] if top_k else []) + (
+      [rules.TopP(top_p, candidates)] if top_p < 1 else [])
+  rule = rules.chain(*parts)
+  n = 20000
+  keys = jax.random.split(jax.random.key(0), n)
+  got = jax.jit(jax.vmap(lambda k: rule(jnp.asarray(logits)[None], k[None], ())[0][0]))(keys)
+  want = jax.jit(jax.vmap(lambda k: sample_token(
+      jnp.asarray(logits)[None], k[None], temperature, top_k, top_p,
+      candidates=candidates)[0]))(keys)
+  np.testing.assert_array_equal(got, want)
+  as_written = jnp.asarray(logits)[None]
+  for part in parts:
+    as_written = part(as_written)
+  law = np.asarray(jax.nn.softmax(as_written[0]))
+  assert (law == 0).any() or not (top_k or top_p < 1)  # the cuts cut something
+  np.testing.assert_allclose(np.bincount(np.asarray(got), minlength=6) / n, law, atol=0.015)
+
+
+def test_sampling_config_describes_its_rule():
+  cfg = SamplingConfig(rules.rule_from(0.6, top_k=20, top_p=0.95), max_new_tokens=7,
+                       cache_dtype="bfloat16")
+  d = cfg.describe()
+  assert (d["temperature"], d["top_k"], d["top_p"], d["max_new_tokens"], d["cache_dtype"]) == (
+      0.6, 20, 0.95, 7, "bfloat16")
+  greedy = dataclasses.replace(cfg, rule=rules.Greedy()).describe()
+  assert (greedy["temperature"], greedy["top_k"], greedy["top_p"]) == (0.0, 0, 1.0)
+  assert hash(cfg) != hash(dataclasses.replace(cfg, rule=rules.Greedy()))  # a static jit arg
+  assert rules.rule_from(0.0, top_k=5) == rules.Greedy()
+
+
+@dataclasses.dataclass(frozen=True)
+class _ForbidEarly:
+  """A rule with per-row state: `token` may not be a row's first `steps` tokens."""
+  token: int
+  steps: int
+  then: rules.Rule = rules.Greedy()
+
+  def init(self, rows):
+    return jnp.zeros((rows,), jnp.int32), self.then.init(rows)
+
+  def __call__(self, logits_BV, keys_B, state):
+    chosen, inner = state
+    ids = jax.lax.broadcasted_iota(jnp.int32, logits_BV.shape, 1)
+    banned = (ids == self.token) & (chosen < self.steps)[:, None]
+    tokens, inner = self.then(jnp.where(banned, -jnp.inf, logits_BV), keys_B, inner)
+    return tokens, (chosen + 1, inner)
+
+
+def test_a_rule_with_per_row_state_runs_in_the_decode_loop(tiny_llama_dir):
+  """The loop carries the rule's state per row, advancing it each step and resetting it when a
+  row is refilled: one slot decoding the prompts in turn forbids the token in every prompt's
+  first steps, as a batch does, and each output follows greedy up to where greedy chose the
+  token; forbidden only before greedy's choice, the token comes where greedy put it."""
+  sampler = Sampler.from_model(hf.load_hf_model(tiny_llama_dir))
+  prompts = _prompts([6, 9, 4, 11], seed=7)
+  free = [s[0].tokens.tolist() for s in sampler.generate(prompts, GREEDY)]
+  token = free[2][3]  # early in a row that one slot only reaches by refills
+  assert token not in free[2][:3], free
+  until_chosen = SamplingConfig(_ForbidEarly(token, 3), max_new_tokens=12)
+  assert sampler.generate(prompts, until_chosen)[2][0].tokens.tolist() == free[2]
+  steps = 6
+  cfg = SamplingConfig(_ForbidEarly(token, steps), max_new_tokens=12)
+  for batch_size in (None, 1):
+    got = [s[0].tokens.tolist() for s in sampler.generate(prompts, cfg, batch_size=batch_size)]
+    for want, row in zip(free, got):
+      assert token not in row[:steps], (batch_size, row)
+      first = want.index(token) if token in want[:steps] else len(want)
+      assert row[:first] == want[:first], (batch_size, row, want)
+      assert len(row) == 12
+
+
 def test_prompt_too_long_is_a_clear_error(tiny_qwen2_dir):
   sampler = Sampler.from_model(hf.load_hf_model(tiny_qwen2_dir))
   with pytest.raises(ValueError, match="exceeds the model's 512 positions"):
@@ -152,7 +261,8 @@ def test_generate_file_resumes_to_the_same_output(tiny_qwen2_dir, tmp_path):
   prompts = tmp_path / "prompts.jsonl"
   prompts.write_text("".join(json.dumps({"prompt": f"the answer is {i}", "id": i}) + "\n"
                              for i in range(5)))
-  cfg = SamplingConfig(temperature=1.0, max_new_tokens=6, stop_ids=generate.stop_ids(renderer))
+  cfg = SamplingConfig(rules.rule_from(1.0, top_p=0.95), max_new_tokens=6,
+                       stop_ids=generate.stop_ids(renderer))
   full = tmp_path / "full.jsonl"
   generate.generate_file(sampler, renderer, str(prompts), str(full), cfg, num_samples=2,
                          batch_size=2)
@@ -170,7 +280,7 @@ def test_generate_file_resumes_to_the_same_output(tiny_qwen2_dir, tmp_path):
 
 def test_ids_past_the_tokenizer_vocabulary_are_never_sampled(tiny_qwen2_dir):
   sampler = Sampler.from_model(hf.load_hf_model(tiny_qwen2_dir))  # 320 rows
-  cfg = SamplingConfig(temperature=5.0, top_p=1.0, max_new_tokens=30, vocab_size=40)
+  cfg = SamplingConfig(rules.rule_from(5.0), max_new_tokens=30, vocab_size=40)
   got = sampler.generate(_prompts([5, 8]), cfg, num_samples=4)
   ids = np.concatenate([s.tokens for x in got for s in x])
   assert ids.max() < 40 and len(set(ids.tolist())) > 10
@@ -190,7 +300,7 @@ def test_sharded_sampling_equals_unsharded(mesh_shape, tiny_qwen2_dir):
     np.testing.assert_array_equal(a[0].tokens, b[0].tokens)
   # Sampled with the top-k / top-p cuts: each device draws for its own rows, with the rows'
   # own random streams, so the samples are the unsharded ones.
-  cfg = SamplingConfig(temperature=0.8, top_p=0.9, top_k=40, max_new_tokens=12)
+  cfg = SamplingConfig(rules.rule_from(0.8, top_k=40, top_p=0.9), max_new_tokens=12)
   want = Sampler.from_model(hf.load_hf_model(tiny_qwen2_dir)).generate(prompts, cfg,
                                                                         num_samples=2)
   got = sampler.generate(prompts, cfg, num_samples=2)
@@ -204,7 +314,7 @@ def test_refilled_rows_give_the_same_samples_as_a_fresh_batch(tiny_llama_dir):
   prompts = _prompts([3, 12, 7, 20, 5], seed=6)
   # Sampling among 30 ids, 5 of them stops: samples end after a few steps, at different
   # steps, so prompts finish at different times and rows get refilled.
-  cfg = SamplingConfig(temperature=1.0, top_p=0.95, max_new_tokens=12, vocab_size=30,
+  cfg = SamplingConfig(rules.rule_from(1.0, top_p=0.95), max_new_tokens=12, vocab_size=30,
                        stop_ids=(3, 4, 5, 6, 7))
   all_at_once = sampler.generate(prompts, cfg, num_samples=2, seed=3)
   two_slots = sampler.generate(prompts, cfg, num_samples=2, seed=3, batch_size=2,

@@ -2,6 +2,7 @@
 
   python tools/bench_decode.py                         # bench model: 64-token prompts, 128 new
   python tools/bench_decode.py --preset=qwen2_5_0_5b --prompt_len=2048 --new_tokens=64
+  python tools/bench_decode.py --compile_depths=8,80   # decode compile time against depth
 
 Decode speed is separated from the prompt's prefill: the sampler reports the seconds of its
 prefill and decode phases (`generate(timings=...)`), and transformers generates from a KV
@@ -11,6 +12,14 @@ frameworks' decode tokens/s, their ratio, and the share of the memory-bandwidth 
 batch x read bandwidth / (bytes of weights + KV cache read per step), with the read
 bandwidth (a large array reduction) measured just before each timed run, so that each run
 is held to the bandwidth of its own moment. Prefill time is printed too.
+
+With --compile_depths, it measures instead what depth costs the decode step: for each depth,
+a model of the preset's width with that many layers (random weights, no transformers twin),
+the seconds the first decode call of a 4-step chunk takes beyond a steady one (tracing,
+lowering and compiling it; median of --repeats, caches cleared before each) and the steady
+per-step time of --new_tokens steps, at batch 1;
+then the ratio of the last depth's compile to the first's. --unroll sets the sampler's
+(sampler.UNROLL by default).
 """
 
 import copy
@@ -28,6 +37,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from jaxdistill import model as model_lib, rules, sampler as sampler_lib  # noqa: E402
 from jaxdistill.model_config import get_preset  # noqa: E402
 import benchlib  # noqa: E402
 from jaxdistill.sampler import Sampler, SamplingConfig  # noqa: E402
@@ -40,6 +50,9 @@ flags.DEFINE_integer("new_tokens", 128, "Generated tokens per row (no early stop
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights, compute and cache.")
 flags.DEFINE_integer("repeats", 3, "Timed runs per setting (median).")
 flags.DEFINE_bool("vs_hf", True, "Also time transformers generate.")
+flags.DEFINE_list("compile_depths", [], "Layer counts (e.g. 8,80): time the decode compile "
+                  "and step of the preset's width at each depth instead (module docstring).")
+flags.DEFINE_integer("unroll", sampler_lib.UNROLL, "Sampler.from_model's unroll.")
 
 
 
@@ -83,13 +96,52 @@ def _decode_rate(generate, batch: int, probe: _BandwidthProbe, bytes_per_step: f
           float(np.median(shares)), float(np.median([p for _, p in runs])))
 
 
+def _compile_and_step(cfg, layers: int) -> tuple[float, float, int]:
+  """(seconds of the first decode call beyond a steady one, steady seconds per step, blocks
+  unrolled) at batch 1 for `cfg` with `layers` layers."""
+  deep = cfg.replace(num_layers=layers)
+  sampler = Sampler.from_model(model_lib.create_model(deep, seed=0), consume=True,
+                               unroll=FLAGS.unroll)
+  prompt = np.random.RandomState(0).randint(3, cfg.vocab_size, (1, FLAGS.prompt_len)).tolist()
+
+  def decode_seconds(n):
+    timings = {}
+    sampler.generate(prompt, SamplingConfig(rules.Greedy(), max_new_tokens=n,
+                                            cache_dtype=FLAGS.dtype),
+                     timings=timings, decode_chunk=n)
+    return timings["decode"]
+
+  # A short chunk, so that the steady run subtracted is short next to the compile; each
+  # compile from cleared caches, the median of several (the machine may be shared).
+  firsts = []
+  for _ in range(FLAGS.repeats):
+    jax.clear_caches()
+    firsts.append(decode_seconds(4))
+  compile_s = float(np.median(firsts)) - float(np.median([decode_seconds(4)
+                                                          for _ in range(FLAGS.repeats)]))
+  decode_seconds(FLAGS.new_tokens)  # compiles for the longer cache
+  steady = float(np.median([decode_seconds(FLAGS.new_tokens) for _ in range(FLAGS.repeats)]))
+  return compile_s, steady / FLAGS.new_tokens, sampler.stacks
+
+
 def main(argv):
   del argv
-  import torch  # pylint: disable=g-import-not-at-top
   cfg = get_preset(FLAGS.preset)
+  if FLAGS.compile_depths:
+    depths = [int(x) for x in FLAGS.compile_depths]
+    compiles = []
+    for layers in depths:
+      compile_s, step_s, stacks = _compile_and_step(cfg, layers)
+      compiles.append(compile_s)
+      shape = "unrolled" if stacks == layers else "a loop over the layers"
+      print(f"{FLAGS.preset} width, {layers} layers ({shape}): decode compile {compile_s:.2f}s, "
+            f"step {step_s * 1e3:.3f} ms (batch 1); {jax.devices()[0].device_kind}", flush=True)
+    print(f"compile {depths[-1]} / {depths[0]} layers: {compiles[-1] / compiles[0]:.2f}x")
+    return
+  import torch  # pylint: disable=g-import-not-at-top
   device = "cuda" if torch.cuda.is_available() else "cpu"
   ref, model = benchlib.twin_models(cfg, FLAGS.dtype, device)
-  sampler = Sampler.from_model(model)
+  sampler = Sampler.from_model(model, unroll=FLAGS.unroll)
   probe = _BandwidthProbe()
   itemsize = 2 if FLAGS.dtype == "bfloat16" else 4
   weight_bytes = cfg.num_params() * itemsize
@@ -101,7 +153,7 @@ def main(argv):
 
     def ours(n):
       timings = {}
-      sampler.generate(prompts, SamplingConfig(temperature=0.0, max_new_tokens=n,
+      sampler.generate(prompts, SamplingConfig(rules.Greedy(), max_new_tokens=n,
                                                cache_dtype=FLAGS.dtype), timings=timings,
                        decode_chunk=n)
       return timings["decode"], timings["prefill"]

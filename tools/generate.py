@@ -6,7 +6,11 @@
       [--seed=0]
 
 DIR is a Hugging Face directory or an Orbax checkpoint / training workdir (then give
---tokenizer). Lines are appended as batches finish; rerunning continues where it stopped.
+--tokenizer). Lines are appended as batches finish; rerunning continues at the first prompt
+not written, and refuses an output that other weights or settings produced (--restart starts
+over). Rows are split over the --mesh's data axes; several processes (launch/local.sh
+--script tools/generate.py, or --coordinator_address etc.) sample together and process 0
+writes.
 """
 
 import os
@@ -16,8 +20,11 @@ from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxdistill import generate  # noqa: E402
+import jax  # noqa: E402
+
+from jaxdistill import checkpoint, generate, sharding, startup  # noqa: E402
 from jaxdistill.data import chat  # noqa: E402
+from jaxdistill.rules import rule_from  # noqa: E402
 from jaxdistill.sampler import Sampler, SamplingConfig  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -38,25 +45,43 @@ flags.DEFINE_integer("samples_at_once", 0, "Samples of one prompt per slot (0 = 
                      "num_samples); smaller bounds the KV cache. Must divide num_samples.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute and cache dtype.")
+flags.DEFINE_list("mesh", ["1", "-1", "1", "1"], "data,fsdp,context,tp (one may be -1).")
+flags.DEFINE_bool("restart", False, "Sample again over an output that other weights or "
+                  "settings produced.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
+flags.DEFINE_integer("num_processes", None, "Processes sampling together.")
+flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["init", "prompts", "output"])
 
 
 def main(argv):
   del argv
+  startup.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  mesh = sharding.make_mesh([int(x) for x in FLAGS.mesh])
   tokenizer = chat.load_tokenizer(FLAGS.tokenizer or FLAGS.init)
   renderer = chat.ChatRenderer(tokenizer, FLAGS.chat_template_name)
-  model = generate.load_model(FLAGS.init, compute_dtype=FLAGS.dtype)
+  model = generate.load_model(FLAGS.init, mesh, compute_dtype=FLAGS.dtype)
   if tokenizer.vocab_size > model.config.vocab_size:
     raise app.UsageError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size}: they do not belong together")
-  cfg = SamplingConfig(temperature=FLAGS.temperature, top_p=FLAGS.top_p, top_k=FLAGS.top_k,
+  if os.path.exists(os.path.join(FLAGS.init, "config.json")):
+    source = startup.WeightSource("hf", FLAGS.init, None)
+  else:
+    source = startup.WeightSource("checkpoint", FLAGS.init,
+                                  checkpoint.load_model_config(FLAGS.init)[1])
+  provenance = {"weights": source.identity(model.config, 0), "compute_dtype": FLAGS.dtype,
+                "tokenizer": renderer.identity()}
+  cfg = SamplingConfig(rule_from(FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p),
                        max_new_tokens=FLAGS.max_new_tokens, stop_ids=generate.stop_ids(renderer),
                        cache_dtype=FLAGS.dtype, vocab_size=tokenizer.vocab_size)
-  n = generate.generate_file(Sampler.from_model(model, consume=True), renderer, FLAGS.prompts,
-                             FLAGS.output, cfg, num_samples=FLAGS.num_samples, seed=FLAGS.seed,
-                             batch_size=FLAGS.batch_size, samples_at_once=FLAGS.samples_at_once,
-                             use_chat_template=FLAGS.chat_template, log=logging.info)
-  print(f"wrote {n} lines to {FLAGS.output}")
+  n = generate.generate_file(Sampler.from_model(model, mesh, consume=True), renderer,
+                             FLAGS.prompts, FLAGS.output, cfg, num_samples=FLAGS.num_samples,
+                             seed=FLAGS.seed, batch_size=FLAGS.batch_size,
+                             samples_at_once=FLAGS.samples_at_once,
+                             use_chat_template=FLAGS.chat_template, provenance=provenance,
+                             restart=FLAGS.restart, log=logging.info)
+  if jax.process_index() == 0:
+    print(f"wrote {n} lines to {FLAGS.output}")
 
 
 if __name__ == "__main__":
