@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -91,22 +93,70 @@ def test_missing_arguments_are_usage_errors():
   assert _sh("launch/local.sh", "-n", "2").returncode == 2
 
 
-def test_two_processes_evaluate_like_one_process_with_four_devices(tmp_path):
-  """A sampled evaluation (n=4, top-p, more prompts than slots, so slots are refilled) over a
-  mesh that spans two processes writes byte-identical generations and the same summary as
-  one process of four devices; only process 0 writes."""
+def test_two_processes_evaluate_like_one_process_and_resume_after_kill_9(tmp_path):
+  """A sampled evaluation (n=2, top-p, more prompts than slots, so slots are refilled) of all
+  30 AIME24 problems over a mesh that spans two processes, killed (-9) once it has written
+  some lines and run again, ends with byte-identical files to one uninterrupted process of
+  four devices. A finished task samples nothing when run again; other weights are refused."""
   args = ["--config=configs/tiny.py", "--config.mode=eval", "--config.mesh.shape=(2, -1, 1, 1)",
-          "--config.eval.tasks=aime24", "--config.eval.limit=5", "--config.eval.num_samples=4",
-          "--config.eval.max_new_tokens=16", "--config.eval.batch_size=2",
-          "--config.eval.temperature=0.6", "--config.eval.top_p=0.9"]
+          "--config.eval.tasks=aime24", "--config.eval.num_samples=2",
+          "--config.eval.max_new_tokens=24", "--config.eval.batch_size=1",
+          "--config.eval.temperature=0.6", "--config.eval.top_p=0.9",
+          "--config.eval.greedy=false"]
   single, multi = tmp_path / "single", tmp_path / "multi"
   r = _main(single, *args, devices=4)
   assert r.returncode == 0, r.stderr[-3000:]
+  env = dict(os.environ, PYTHON=sys.executable, PYTHONUNBUFFERED="1")
+  command = ["bash", "launch/local.sh", "-n", "2", "--cpu_devices", "2", "--", *args,
+             f"--workdir={multi}"]
+  proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, start_new_session=True)
+  out = multi / "eval" / "aime24" / "generations.jsonl"
+  start = time.time()
+  while not (out.exists() and out.stat().st_size > 0):
+    assert proc.poll() is None and time.time() - start < 240, "no lines before the kill"
+    time.sleep(0.05)
+  os.killpg(proc.pid, signal.SIGKILL)
+  proc.wait()
+  written = out.read_text().count("\n")
+  assert 0 < written < 30, written
   r = _sh("launch/local.sh", "-n", "2", "--cpu_devices", "2", "--", *args, f"--workdir={multi}")
   assert r.returncode == 0, r.stderr[-3000:]
-  for name in ("generations.jsonl", "greedy.jsonl", "summary.json", "graded.jsonl"):
+  assert f"{written} of 30 prompts already done; continuing" in r.stderr
+  for name in ("generations.jsonl", "summary.json", "graded.jsonl"):
     one = (single / "eval" / "aime24" / name).read_bytes()
     assert one == (multi / "eval" / "aime24" / name).read_bytes(), name
-  rows = [json.loads(x) for x in (single / "eval" / "aime24" / "generations.jsonl").open()]
-  assert len(rows) == 5 and all(len(r["response"]) == 4 for r in rows)
-  assert len({tuple(t) for r in rows for t in r["completion_token_ids"]}) > 5  # sampled
+  rows = [json.loads(x) for x in out.open()]
+  assert len(rows) == 30 and all(len(r["response"]) == 2 for r in rows)
+  assert len({tuple(t) for r in rows for t in r["completion_token_ids"]}) > 30  # sampled
+  r = _main(single, *args, devices=4)
+  assert r.returncode == 0 and "all 30 prompts already done" in r.stderr, r.stderr[-2000:]
+  assert (single / "eval" / "aime24" / "generations.jsonl").read_bytes() == out.read_bytes()
+  r = _main(single, *args, "--config.seed=1", devices=4)
+  assert r.returncode != 0 and "weights.seed: 0 -> 1" in r.stderr, r.stderr[-2000:]
+
+
+def test_generate_tool_on_two_processes_equals_one(tiny_qwen2_dir, tmp_path):
+  """tools/generate.py over a mesh spanning two processes (launch/local.sh --script) writes
+  the bytes one process of four devices writes: n=4 sampled, more prompts than slots."""
+  from tests import hf_fixtures  # pylint: disable=g-import-not-at-top
+  tok = hf_fixtures.save_tiny_chatml_tokenizer(tmp_path / "tok")
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text("".join(json.dumps({"prompt": f"the answer is {i}", "id": i}) + "\n"
+                             for i in range(6)))
+  args = [f"--init={tiny_qwen2_dir}", f"--tokenizer={tok}", "--chat_template_name=chatml",
+          f"--prompts={prompts}", "--num_samples=4", "--max_new_tokens=8", "--batch_size=1",
+          "--temperature=0.6", "--top_p=0.9", "--mesh=2,-1,1,1"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  one = tmp_path / "one.jsonl"
+  r = subprocess.run([sys.executable, "tools/generate.py", *args, f"--output={one}"], cwd=ROOT,
+                     env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  two = tmp_path / "two.jsonl"
+  r = _sh("launch/local.sh", "-n", "2", "--cpu_devices", "2", "--script", "tools/generate.py",
+          "--", *args, f"--output={two}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert one.read_bytes() == two.read_bytes()
+  rows = [json.loads(x) for x in one.open()]
+  assert len(rows) == 6 and len({tuple(t) for r in rows for t in r["completion_token_ids"]}) > 6
