@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import jax
 import pytest
@@ -147,7 +148,12 @@ def _load(path, *overrides):
     *parents, leaf = key.split(".")
     for p in parents:
       node = node[p]
-    node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], tuple) else eval(value)  # pylint: disable=eval-used
+    if isinstance(node[leaf], bool):
+      node[leaf] = value.lower() in ("true", "1")
+    elif isinstance(node[leaf], tuple):
+      node[leaf] = eval(value)  # pylint: disable=eval-used
+    else:
+      node[leaf] = type(node[leaf])(value)
   return c
 
 
@@ -216,11 +222,12 @@ def test_readme_eval_command_after_the_tiny_run(uninterrupted, tmp_path):
   assert args[:3] == ["python", "-m", "jaxdistill.main"]
   args = [sys.executable] + [a.replace("runs/tiny_eval", str(tmp_path / "eval")).replace(
       "runs/tiny", train_dir) for a in args[1:]]
-  too_long = [a for a in args if not a.startswith("--config.eval.max_new_tokens")]
-  r = subprocess.run(too_long, cwd=ROOT, env=_env(), capture_output=True, text=True,
-                     timeout=300)
-  assert r.returncode != 0 and "set eval.max_new_tokens to at most" in r.stderr, r.stderr[-2000:]
-  assert "restoring step" not in r.stderr  # refused before any weights were read
+  too_long = [a.removeprefix("--config.") for a in args if a.startswith("--config.")
+              and not a.startswith("--config.eval.max_new_tokens")]
+  with pytest.raises(ValueError, match="set eval.max_new_tokens to at most"):
+    with mock.patch.object(startup, "load_weights") as load:
+      main_lib.run(_load("configs/eval_aime.py", *too_long), str(tmp_path / "refused"))
+  load.assert_not_called()  # refused before any weights were read
   r = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "as recorded by resume" not in r.stderr and "as recorded by init.checkpoint" in r.stderr

@@ -121,9 +121,8 @@ def test_open_source_rejects_what_it_cannot_read(tmp_path):
 
 
 def test_tfds_source_is_optional():
-  try:
-    import tensorflow_datasets  # noqa: F401
-  except ImportError:
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  if importlib.util.find_spec("tensorflow_datasets") is None:
     with pytest.raises(ImportError, match=r"pip install 'jaxdistill\[tfds\]'"):
       sources.open_source("tfds:s1k@train")
     return
