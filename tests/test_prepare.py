@@ -15,6 +15,7 @@ import pytest
 
 from configs import base
 from jaxdistill.data import builder, chat, formats, packed_rows, packing, pipeline, prepare, sources
+from jaxdistill import settings
 from tests import data_fixtures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -364,14 +365,19 @@ def test_a_run_config_trains_from_a_packed_directory(packed):
   c = base.get_config()
   c.data.sources, c.data.tokenizer, c.data.chat_template = directory, TOKENIZER, "chatml"
   c.data.seq_len, c.data.prefetch, c.train.global_batch_size = SEQ_LEN, 0, 2
-  data = builder.build_training_data(c)
+  def build(c):
+    s = settings.parse(c)
+    return builder.build_training_data(s.data, global_batch_size=s.train.global_batch_size,
+                                       num_steps=s.train.num_steps, seed=s.seed)
+
+  data = build(c)
   assert data.num_steps == len(_disk_rows(directory)) // 2
   batch = next(data.train)
   assert batch["inputs"].shape == (2, SEQ_LEN) and batch["loss_mask"].any()
   data.train.close()
   c.data.seq_len = 1024
   with pytest.raises(ValueError, match=f"--config.data.seq_len={SEQ_LEN}"):
-    builder.build_training_data(c)
+    build(c)
 
 
 def test_prepared_data_from_another_tokenizer_is_refused(mixed, renderer, packed, tmp_path,
