@@ -101,6 +101,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.compute_dtype = "float32"  # fp32 evaluation: bf16 can move AIME scores by points
   c.eval.cache_dtype = "float32"  # KV cache dtype
   c.eval.grading_workers = 2  # processes for symbolic (MATH) answer comparison
+  # Budget forcing (s1): thinking is counted in tokens from the first generated one, up to
+  # the first think_end; the texts are encoded by the run's tokenizer, each on its own.
+  c.eval.think_end = "</think>"  # end-of-thinking delimiter (may be several tokens)
+  c.eval.answer_cue = "\nFinal Answer:"  # forced after think_end at the maximum (s1's cue)
+  c.eval.max_thinking_tokens = 0  # most thinking tokens per sample, then think_end (0 = off)
+  c.eval.min_thinking_tokens = 0  # think_end after fewer is replaced by wait_text (0 = any)
+  c.eval.wait_text = "Wait"  # what replaces an early think_end
+  c.eval.max_waits = 0  # most replacements per sample (0 = no minimum forcing)
+  # Comma-separated thinking budgets in tokens ("512,1024,2048"; "" = none): each task is
+  # sampled again at each into <task>/budget_<B>/, and the report plots accuracy against them.
+  c.eval.thinking_budgets = ""
   # Sample again over outputs that other weights or settings produced (a rerun with any of
   # them different is refused otherwise, naming the difference).
   c.eval.restart = False

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from jaxdistill import checkpoint, hf
+from jaxdistill import checkpoint, hf, rules
 from jaxdistill.data import chat
 from jaxdistill.model import Transformer
 from jaxdistill.sampler import Sampler, SamplingConfig
@@ -59,6 +59,27 @@ def prompt_tokens(row: dict, renderer: chat.ChatRenderer, use_chat_template: boo
   if use_chat_template:
     return renderer.encode_prompt([{"role": "user", "content": row["prompt"]}]).tolist()
   return renderer.tokenizer.encode(row["prompt"])
+
+
+def budget_forcing(rule: rules.Rule, tokenizer: chat.Tokenizer, *, think_end: str,
+                   max_thinking: int = 0, answer_cue: str = "", min_thinking: int = 0,
+                   wait: str = "", max_waits: int = 0) -> rules.Rule:
+  """`rule` with budget forcing (rules.BudgetForcing: counts, and which tokens are thinking)
+  given as text, each text encoded on its own by `tokenizer` (a tokenizer that writes a
+  leading space before a text writes it here too); `rule` itself when nothing is forced
+  (max_thinking and max_waits 0), so runs without forcing sample and record as before."""
+  if not max_thinking and not max_waits:
+    return rule
+  end = tuple(tokenizer.encode(think_end)) if think_end else ()
+  if not end:
+    raise ValueError(f"think_end={think_end!r} encodes to no tokens; budget forcing needs the "
+                     "end-of-thinking delimiter the model writes (e.g. '</think>')")
+  # Texts a setting does not use are left out, so that they do not enter provenance records.
+  return rules.BudgetForcing(
+      rule, end, max_thinking=max_thinking,
+      answer_cue=tuple(tokenizer.encode(answer_cue)) if answer_cue and max_thinking else (),
+      min_thinking=min_thinking,
+      wait=tuple(tokenizer.encode(wait)) if wait and max_waits else (), max_waits=max_waits)
 
 
 def stop_ids(renderer: chat.ChatRenderer) -> tuple[int, ...]:

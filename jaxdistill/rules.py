@@ -19,16 +19,14 @@ softmax (or Greedy's argmax). `rule_from(temperature, top_k, top_p)` builds the 
 A chain never runs TopK/TopP as written: it fuses them into one cut found among the
 likeliest candidate ids, the same law without sorting the vocabulary (`_cut_and_draw`).
 
-A rule with state wraps another, e.g. (not yet written) budget forcing:
-  @dataclasses.dataclass(frozen=True)
-  class BudgetForcing:
-    end_think: int; min_tokens: int; budget: int; then: Rule
-    def init(self, rows): return (jnp.zeros((rows,), jnp.int32), self.then.init(rows))
-    def __call__(self, logits_BV, keys_B, state):
-      count, inner = state  # forbid end_think while count < min_tokens, force it at budget
-      ...
-      tokens, inner = self.then(logits_BV, keys_B, inner)
-      return tokens, (count + 1, inner)
+A rule with state may wrap another (a `then` field): `BudgetForcing` keeps each row's
+thinking between a least and a most number of tokens (s1, arXiv 2501.19393). Forcing text the
+model did not choose needs two things of the loop, which any rule may use: the token a rule
+returns is written whatever its logits said (so a rule emits forced tokens from a queue in its
+state), and a rule with a `take_back(state) -> [R] int32` method may take back, per row, that
+many of the row's last tokens before its token is written: the loop writes the step's token
+over them, in the output and in the KV cache (sampler._decode). A rule without the method
+costs the loop nothing.
 """
 
 from __future__ import annotations
@@ -178,13 +176,146 @@ def rule_from(temperature: float, top_k: int = 0, top_p: float = 1.0, *,
   return chain(*parts)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ForcingState:
+  """BudgetForcing's per-row state (R rows)."""
+  held: jax.Array  # [R] tokens the row holds (the loop's count: forced ones in, taken back out)
+  tail: jax.Array  # [R, D - 1] its last D - 1 tokens (D: the delimiter's), -1 where unknown
+  closed: jax.Array  # [R] bool: the thinking section has ended (or is being ended by force)
+  waits: jax.Array  # [R] delimiters replaced so far
+  source: jax.Array  # [R] the queue being emitted: 0 delimiter + cue, 1 "Wait"
+  next: jax.Array  # [R] its next token's index
+  stop: jax.Array  # [R] its length (next == stop: nothing queued)
+  back: jax.Array  # [R] tokens this step took back (`take_back`)
+  inner: Any  # the wrapped rule's state
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetForcing:
+  """Budget forcing (s1, arXiv 2501.19393) around the rule `then`, all token ids.
+
+  Thinking is counted from a row's first generated token (the templates here end the prompt
+  at the assistant header; a model that opens its thinking with `<think>` spends that opener
+  from the budget too; a template that writes `<think>` into the prompt makes the first
+  generated token the first thinking token): thinking is every token before the first kept
+  `think_end`. Each row on its own:
+    maximum (max_thinking > 0): once a row holds max_thinking tokens without having closed
+      its thinking, it may only go on spelling `think_end`; any other token is replaced by
+      `think_end` (the part of it the row's last tokens do not already spell: no doubled
+      half-delimiter), then `answer_cue`, and the model answers after them. So the thinking
+      is at most max_thinking tokens, and a sample carries the cue only where it was forced.
+    minimum (max_waits > 0): when the tokens chosen complete `think_end` while fewer than
+      min_thinking tokens precede it (min_thinking 0: whatever the length, s1's "ignore the end
+      of thinking N times"), and fewer than max_waits were replaced in the row, its tokens
+      are taken back (`take_back`) and `wait` is emitted instead; the thinking goes on.
+      Past the maximum nothing is replaced, and the maximum cuts a `wait` short.
+  The delimiter is matched as the tokenizer spells it (the ids given); a model spelling it
+  with other tokens is not seen closing its thinking.
+  Forced tokens come from a queue in the state, never from the logits. After a replacement,
+  the row's steps fold the count of replacements into their random keys: the loop's count
+  then runs over values it had, and no draw reuses a key. Until a row is forced, its draws
+  are those of `then` alone.
+  """
+  then: Rule
+  think_end: tuple[int, ...]  # the end-of-thinking delimiter (`</think>` is several in Qwen2.5)
+  max_thinking: int = 0  # most thinking tokens (0 = no maximum)
+  answer_cue: tuple[int, ...] = ()  # forced after the delimiter at the maximum
+  min_thinking: int = 0  # a delimiter after fewer is replaced (0 = any, while waits remain)
+  wait: tuple[int, ...] = ()  # what replaces the delimiter ("Wait")
+  max_waits: int = 0  # most replacements per row (0 = no minimum)
+
+  def __post_init__(self):
+    where = (f"BudgetForcing(max_thinking={self.max_thinking}, min_thinking="
+             f"{self.min_thinking}, max_waits={self.max_waits})")
+    if not self.think_end:
+      raise ValueError(f"{where}: think_end is empty; give the end-of-thinking delimiter's "
+                       "token ids")
+    if self.max_thinking < 0 or self.min_thinking < 0 or self.max_waits < 0:
+      raise ValueError(f"{where}: the counts must be >= 0 (0 = off)")
+    if self.min_thinking and not self.max_waits:
+      raise ValueError(f"{where}: a minimum is kept by replacing the delimiter; set max_waits "
+                       "(how many times at most)")
+    if not self.max_thinking and not self.max_waits:
+      raise ValueError(f"{where} forces nothing: set max_thinking and/or max_waits, or "
+                       "sample with the wrapped rule alone")
+    if self.max_waits and not self.wait:
+      raise ValueError(f"{where}: max_waits needs the `wait` tokens that replace the delimiter")
+    if self.max_thinking and self.min_thinking > self.max_thinking:
+      raise ValueError(f"{where}: the minimum exceeds the maximum; lower min_thinking")
+
+  def init(self, rows: int) -> ForcingState:
+    zeros = jnp.zeros((rows,), jnp.int32)
+    return ForcingState(held=zeros, tail=jnp.full((rows, len(self.think_end) - 1), -1, jnp.int32),
+                        closed=jnp.zeros((rows,), bool), waits=zeros, source=zeros, next=zeros,
+                        stop=zeros, back=zeros, inner=self.then.init(rows))
+
+  def take_back(self, state: ForcingState) -> jax.Array:
+    return state.back
+
+  def settings(self) -> dict:
+    """The forcing settings, for `describe` (and so for provenance records)."""
+    return dict(think_end=list(self.think_end), max_thinking_tokens=self.max_thinking,
+                answer_cue=list(self.answer_cue), min_thinking_tokens=self.min_thinking,
+                wait=list(self.wait), max_waits=self.max_waits)
+
+  def __call__(self, logits_BV, keys_B, state: ForcingState):
+    d = len(self.think_end)
+    end = jnp.asarray(self.think_end, jnp.int32)
+    keys_B = jnp.where(state.waits > 0, jax.vmap(jax.random.fold_in)(keys_B, state.waits),
+                       keys_B)
+    chosen, inner = self.then(logits_BV, keys_B, state.inner)
+    # The longest start of the delimiter that the row's last tokens spell.
+    matched = jnp.zeros_like(state.held)
+    for j in range(1, d):
+      matched = jnp.where(jnp.all(state.tail[:, d - 1 - j:] == end[:j], axis=-1), j, matched)
+    close, wait = self.think_end + self.answer_cue, self.wait
+    width = max(len(close), len(wait))
+    queues = jnp.asarray([list(q) + [0] * (width - len(q)) for q in (close, wait)], jnp.int32)
+    queued = state.next < state.stop
+    from_queue = queues[state.source, jnp.minimum(state.next, width - 1)]
+    thinking = ~state.closed
+    spells = ~queued & (chosen == end[matched])  # the model goes on spelling the delimiter
+    closes = thinking & spells & (matched == d - 1)
+    replace = closes & (state.waits < self.max_waits)
+    if self.min_thinking:
+      replace &= state.held - (d - 1) < self.min_thinking
+    at_budget = jnp.zeros_like(thinking)
+    if self.max_thinking:
+      # Past the budget a row may only go on spelling the delimiter (each token past it is
+      # then part of it), and may not have it replaced.
+      over = state.held >= self.max_thinking
+      at_budget = thinking & over & ~spells
+      replace &= ~over
+    token = jnp.where(at_budget, queues[0, matched], jnp.where(
+        queued, from_queue, jnp.where(replace, wait[0] if wait else 0, chosen)))
+    back = jnp.where(replace, d - 1, 0)
+    tail = state.tail
+    if d > 1:  # the delimiter's start is taken back: what preceded it is not known here
+      tail = jnp.where(replace[:, None], -1, tail)
+      tail = jnp.concatenate([tail[:, 1:], token[:, None]], axis=1)
+    state = ForcingState(
+        held=state.held - back + 1, tail=tail,
+        closed=state.closed | at_budget | (closes & ~replace),
+        waits=state.waits + replace,
+        source=jnp.where(at_budget, 0, jnp.where(replace, 1, state.source)),
+        next=jnp.where(at_budget, matched + 1, jnp.where(replace, 1, state.next + queued)),
+        stop=jnp.where(at_budget, len(close), jnp.where(replace, len(wait), state.stop)),
+        back=back, inner=inner)
+    return token.astype(jnp.int32), state
+
+
 def describe(rule) -> dict:
   """{"rule", "temperature", "top_k", "top_p"} for reports; a rule that wraps another (a
-  `then` field) reports the one it wraps. Settings a rule does not have are None."""
-  inner = rule
+  `then` field) reports the one it wraps, plus its own `settings()` where it has them (budget
+  forcing's, only when forcing: records of runs without it stay as they were). Settings a
+  rule does not have are None."""
+  inner, own = rule, {}
   while hasattr(inner, "then"):
+    if hasattr(inner, "settings"):
+      own.update(inner.settings())
     inner = inner.then
-  out = dict(rule=repr(rule), temperature=None, top_k=None, top_p=None)
+  out = dict(rule=repr(rule), temperature=None, top_k=None, top_p=None, **own)
   if isinstance(inner, Greedy) or (isinstance(inner, Chain) and inner.greedy):
     out.update(temperature=0.0, top_k=0, top_p=1.0)
   elif isinstance(inner, Chain):

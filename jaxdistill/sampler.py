@@ -8,7 +8,9 @@ are collected and their rows refilled with waiting prompts (continuous batching)
 incoming prompts are prefilled (their count rounded up to a power of two) and their rows
 written into the decode state in place. Prefill compiles once per (prompt count, P, cache
 length); decode once per (batch, cache length, sampling settings). What is sampled from the
-logits is the config's rule (rules.py); the loop carries the rule's per-row state.
+logits is the config's rule (rules.py); the loop carries the rule's per-row state, and a rule
+that forces text (budget forcing) may take back a row's last tokens, which the step's token
+then overwrites (`_decode`).
 
 With `num_samples` > 1 each prompt is prefilled once, as one row, and its cache is then
 copied to its `num_samples` rows: the prompt's compute is shared, its cache memory is not.
@@ -338,16 +340,23 @@ def _decode(params, state: _DecodeState, *, steps, graphdef, n, cache_len, cache
     token, rule_state = _sample_rows(cfg.rule, logits, step_keys, st.rule_state)
     active = ~st.done
     token = jnp.where(active, token, 0)
-    write_at = jnp.minimum(st.count, cfg.max_new_tokens - 1)
+    at = st.count  # where the token goes: after the row's tokens, less any taken back
+    if hasattr(cfg.rule, "take_back"):
+      # The token is written over the ones taken back, in `out` and in the cache. The cache
+      # slots after it keep their keys until overwritten, never attended to meanwhile: each
+      # slot's position is its index, after the new query's (attention_mask is causal on
+      # positions).
+      at = at - jnp.where(active, cfg.rule.take_back(rule_state), 0)
+    write_at = jnp.minimum(at, cfg.max_new_tokens - 1)
     out = st.out.at[jnp.arange(rows), write_at].set(
         jnp.where(active, token, st.out[jnp.arange(rows), write_at]))
-    count = st.count + active.astype(jnp.int32)
+    count = at + active.astype(jnp.int32)
     hit_stop = active & jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
     done = st.done | hit_stop | (count >= cfg.max_new_tokens)
     # Finished rows still run through the model (the batch is dense); their cache writes are
     # clamped at the end of their own row and they are refilled before being read again.
-    pos = (st.lengths + jnp.minimum(st.count, cfg.max_new_tokens - 1))[:, None]
-    cache = st.cache.replace(end_index=jnp.minimum(st.lengths + st.count, _cache_len(st) - 1))
+    pos = (st.lengths + jnp.minimum(at, cfg.max_new_tokens - 1))[:, None]
+    cache = st.cache.replace(end_index=jnp.minimum(st.lengths + at, _cache_len(st) - 1))
     x_B1D, cache = _run_layers(model.layers, model.embed(token[:, None]), pos,
                                jnp.ones((rows, 1), jnp.int32), cache)
     new_logits = model.unembed(model.norm(x_B1D))[:, 0]

@@ -179,13 +179,23 @@ def parse(c: ml_collections.ConfigDict) -> Settings:
                                                                             "bfloat16"):
     problems.append(f"eval.compute_dtype={e.compute_dtype!r} and eval.cache_dtype="
                     f"{e.cache_dtype!r} must each be float32 or bfloat16")
+  budgets = ()
+  try:
+    budgets = tuple(int(x) for x in str(e.thinking_budgets).split(",") if x.strip())
+  except ValueError:
+    problems.append(f"eval.thinking_budgets={e.thinking_budgets!r} is not a comma-separated "
+                    "list of token counts (e.g. \"512,1024,2048\"; \"\" = none)")
   ev = build(evaluate.EvalConfig,
              tasks=tuple(x.strip() for x in e.tasks.split(",") if x.strip()),
              num_samples=e.num_samples, temperature=e.temperature, top_p=e.top_p,
              top_k=e.top_k, max_new_tokens=e.max_new_tokens, greedy=e.greedy,
              batch_size=e.batch_size, samples_at_once=e.samples_at_once, limit=e.limit,
              instruction=e.instruction, seed=e.seed, compute_dtype=e.compute_dtype,
-             cache_dtype=e.cache_dtype, grading_workers=e.grading_workers, restart=e.restart)
+             cache_dtype=e.cache_dtype, grading_workers=e.grading_workers, restart=e.restart,
+             think_end=e.think_end, answer_cue=e.answer_cue,
+             max_thinking_tokens=e.max_thinking_tokens,
+             min_thinking_tokens=e.min_thinking_tokens, wait_text=e.wait_text,
+             max_waits=e.max_waits, thinking_budgets=budgets)
   if problems:
     raise ConfigError(problems)
   return Settings(

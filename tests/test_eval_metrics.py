@@ -122,6 +122,38 @@ def test_summarize_hand_computed():
   assert s["budget"][1]["maj@k"] == pytest.approx(2 / 3)
 
 
+def test_standard_error_over_problems_hand_computed():
+  # One AIME problem of 30 solved: mean 1/30, sample variance (1/30)(29/30) * 30/29 = 1/30,
+  # standard error sqrt(1/30 / 30) = 1/30: one problem, 3.3 points.
+  assert metrics.standard_error([1.0] + [0.0] * 29) == pytest.approx(1 / 30)
+  # Per-problem means 1, 0, 1/2, 1/2: mean 1/2, variance (1/4 + 1/4) / 3 = 1/6, over 4.
+  assert metrics.standard_error([1.0, 0.0, 0.5, 0.5]) == pytest.approx(math.sqrt(1 / 6 / 4))
+  assert metrics.standard_error([0.25, 0.25, 0.25]) == 0.0
+  assert metrics.standard_error([0.7]) is None  # one problem: no spread to measure
+  # In a summary: over the per-problem scores, not the samples. Problems with 2/4, 1/4 and
+  # 4/4 correct (avg@n 7/12) spread as means 1/2, 1/4, 1; greedy (1, 0) as 0/1 scores.
+  problems = [[V("gold"), V("x"), V("x"), V("gold")], [V("y"), V("y"), V("gold"), V("y")],
+              [V("gold")] * 4]
+  s = metrics.summarize(problems, greedy=[V("gold"), V("y"), None],
+                        thinking=[[3, 3, 3, 3], [1, 1, 1, 1], [2, 2, 2, 2]])
+  se = metrics.standard_error([0.5, 0.25, 1.0])
+  assert s["stderr"]["avg@n"] == s["stderr"]["accuracy"] == pytest.approx(se)
+  assert se == pytest.approx(math.sqrt(((1 / 12) ** 2 + (1 / 3) ** 2 + (5 / 12) ** 2) / 2 / 3))
+  assert s["stderr"]["maj@k"]["4"] == pytest.approx(metrics.standard_error([1, 0, 1]))
+  assert s["stderr"]["pass@k"]["1"] == pytest.approx(se)
+  assert s["stderr"]["greedy_accuracy"] == pytest.approx(metrics.standard_error([1, 0]))
+  assert s["mean_thinking_tokens"] == pytest.approx(2.0)
+
+
+def test_thinking_tokens_counts_up_to_the_first_delimiter():
+  end = [7, 8]
+  assert metrics.thinking_tokens([1, 2, 7, 8, 3, 7, 8], end) == 2
+  assert metrics.thinking_tokens([1, 7, 2, 8], end) == 4  # never closed: all of it
+  assert metrics.thinking_tokens([7, 8], end) == 0 and metrics.thinking_tokens([], end) == 0
+  with pytest.raises(ValueError, match="think_end is empty"):
+    metrics.thinking_tokens([1], [])
+
+
 def test_summarize_edges():
   all_right = [[V("gold")] * 3, [V("gold")] * 3]
   s = metrics.summarize(all_right)

@@ -71,3 +71,37 @@ def test_unknown_task_is_a_clear_error(tmp_path, monkeypatch):
   monkeypatch.chdir(ROOT)
   with pytest.raises(ValueError, match=r"unknown evaluation task\(s\) \['aime23'\]"):
     main_lib.run(_config(tasks="aime23"), str(tmp_path))
+
+
+def test_eval_at_thinking_budgets_reports_accuracy_against_them(tmp_path, monkeypatch):
+  """eval.max_thinking_tokens forces the main samples; each of eval.thinking_budgets samples
+  the task again, forced at that budget: no sample thinks longer, each forced one holds the
+  delimiter and the cue once (the random tiny model never closes its thinking itself). The
+  report gains the budgets' table and plot; every accuracy carries its standard error."""
+  from jaxdistill.data import chat
+  from jaxdistill.eval import metrics
+  monkeypatch.chdir(ROOT)
+  c = _config(tasks="aime24", limit=2, max_new_tokens=16, greedy=False,
+              max_thinking_tokens=6, thinking_budgets="2,5")
+  summary = main_lib.run(c, str(tmp_path))["aime24"]
+  tok = chat.load_tokenizer(c.data.tokenizer)
+  end, cue = tok.encode(c.eval.think_end), tok.encode(c.eval.answer_cue)
+  task_dir = tmp_path / "eval" / "aime24"
+  for budget, directory in [(6, task_dir), (2, task_dir / "budget_2"),
+                            (5, task_dir / "budget_5")]:
+    rows = [json.loads(x) for x in (directory / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and (directory / "graded.jsonl").exists()
+    for ids in (ids for r in rows for ids in r["completion_token_ids"]):
+      assert metrics.thinking_tokens(ids, end) == budget, ids
+      text = tok.decode(ids)
+      assert text.count(c.eval.think_end) == 1 and text.count(c.eval.answer_cue.strip()) == 1
+      assert ids[budget:budget + len(end) + len(cue)] == end + cue
+  points = summary["thinking_budgets"]
+  assert [p["budget"] for p in points] == [2, 5]
+  assert [p["mean_thinking_tokens"] for p in points] == [2, 5]
+  assert summary["mean_thinking_tokens"] == 6 and summary["sampling"]["max_thinking_tokens"] == 6
+  assert summary["stderr"]["avg@n"] is not None and all(p["stderr"] is not None for p in points)
+  report = (tmp_path / "eval" / "report.md").read_text()
+  assert "## Accuracy against thinking budget" in report and "| aime24 | 2 | 2 |" in report
+  assert " ± " in report and "Budget forcing: at most 6 thinking tokens" in report
+  assert (tmp_path / "eval" / "thinking_budget.png").stat().st_size > 1000

@@ -328,3 +328,123 @@ def test_refilled_rows_give_the_same_samples_as_a_fresh_batch(tiny_llama_dir):
       assert x.finish_reason == y.finish_reason == z.finish_reason
       lengths.add(len(x.tokens))
   assert len(lengths) > 2  # rows really finished at different times
+
+
+def _spans(tokens, ids):
+  """Start indices of `ids` as a contiguous run in `tokens`."""
+  n = len(ids)
+  return [i for i in range(len(tokens) - n + 1) if tuple(tokens[i:i + n]) == tuple(ids)]
+
+
+def test_budget_forcing_ends_thinking_at_the_budget(tiny_llama_dir):
+  """At thinking budget B every sample's thinking (the tokens before the delimiter) is at most
+  B tokens, and the forced delimiter and answer cue appear once, the cue right after it. The
+  rows' draws are those of the unforced rule up to where they were forced; where a row's last
+  tokens already begin the delimiter only the rest is forced. The forced run decodes one
+  sample per group in two slots, refilled: each row's forcing starts afresh."""
+  sampler = Sampler.from_model(hf.load_hf_model(tiny_llama_dir))
+  prompts = _prompts([6, 9, 4], seed=7)
+  budget, new = 5, 14
+  rule = rules.rule_from(1.0, top_k=40)
+  free = sampler.generate(prompts, SamplingConfig(rule, max_new_tokens=new), num_samples=2)
+  # The delimiter begins with the token the first sample chose last within the budget.
+  end = (int(free[0][0].tokens[budget - 1]), 301, 302)
+  cue = (310, 311)
+  cfg = SamplingConfig(rules.BudgetForcing(rule, end, max_thinking=budget, answer_cue=cue),
+                       max_new_tokens=new)
+  got = sampler.generate(prompts, cfg, num_samples=2, batch_size=2, samples_at_once=1)
+  for free_samples, samples in zip(free, got):
+    for f, s in zip(free_samples, samples):
+      tokens = s.tokens.tolist()
+      starts = _spans(tokens, end)
+      assert len(starts) == 1 and _spans(tokens, cue) == [starts[0] + len(end)], tokens
+      thinking = starts[0]
+      assert thinking <= budget and tokens[:thinking] == f.tokens[:thinking].tolist()
+  assert _spans(got[0][0].tokens.tolist(), end) == [budget - 1]
+  assert any(_spans(s.tokens.tolist(), end) == [budget] for x in got for s in x)
+  described = cfg.describe()
+  assert described["max_thinking_tokens"] == budget and described["answer_cue"] == list(cue)
+  assert described["temperature"] == 1.0 and "max_thinking_tokens" not in GREEDY.describe()
+
+
+def _rigged_model_dir(directory, successor):
+  """A tiny Llama whose greedy next token depends only on the current one: attention and MLP
+  outputs are zeroed, so the final norm sees the token's embedding, and the head scores
+  `successor[token]` far above every other id for each token in `successor`."""
+  model = hf_fixtures.tiny_hf_model("llama")
+  with torch.no_grad():
+    for layer in model.model.layers:
+      layer.self_attn.o_proj.weight.zero_()
+      layer.mlp.down_proj.weight.zero_()
+    model.model.norm.weight.fill_(1.0)
+    emb = model.model.embed_tokens.weight
+    unit = emb / emb.pow(2).mean(-1, keepdim=True).sqrt()
+    head = torch.zeros_like(model.lm_head.weight)
+    for token, nxt in successor.items():
+      head[nxt] += unit[token]
+    model.lm_head.weight.copy_(head)
+  model.save_pretrained(directory)
+  return str(directory)
+
+
+def test_wait_replaces_a_multi_token_delimiter_n_times_then_lets_it_close(tmp_path):
+  """A model rigged to spell the three-token delimiter d1 d2 d3 every five tokens
+  (a b d1 d2 d3 a ...): with two "Wait"s (w1 w2, which the model continues with a), the first
+  two delimiters are taken back as they complete (d1 d2 removed, w1 w2 written in their
+  place) and the third closes the thinking; later ones are kept, and the budget, never
+  reached by the thinking, forces nothing."""
+  a, b, d1, d2, d3, w1, w2 = 10, 11, 12, 13, 14, 15, 16
+  sampler = Sampler.from_model(hf.load_hf_model(_rigged_model_dir(
+      tmp_path, {a: b, b: d1, d1: d2, d2: d3, d3: a, w1: w2, w2: a})))
+  cfg = SamplingConfig(rules.BudgetForcing(rules.Greedy(), (d1, d2, d3), max_thinking=11,
+                                           answer_cue=(20,), wait=(w1, w2), max_waits=2),
+                       max_new_tokens=20)
+  got = sampler.generate([[5, 7, a], [9, a]], cfg)
+  want = [b, w1, w2, a, b, w1, w2, a, b, d1, d2, d3, a, b, d1, d2, d3, a, b, d1]
+  for samples in got:
+    assert samples[0].tokens.tolist() == want and samples[0].finish_reason == "length"
+
+
+def test_taken_back_tokens_leave_no_trace_in_the_cache(tiny_llama_dir):
+  """Replacing a delimiter the model spelled rewinds the row: what follows the "Wait" is what
+  the model continues from the prompt, the tokens before the delimiter and the "Wait" (a
+  fresh prefill of them). Stale cache entries of the delimiter would change it."""
+  sampler = Sampler.from_model(hf.load_hf_model(tiny_llama_dir))
+  prompt = _prompts([6], seed=7)
+  cfg = SamplingConfig(rules.Greedy(), max_new_tokens=16)
+  free = sampler.generate(prompt, cfg)[0][0].tokens.tolist()
+  end, wait = (free[3], free[4]), (305, 306)
+  assert not _spans(free[:3], end) and len(set(free)) > 5, free
+  forced = dataclasses.replace(cfg, rule=rules.BudgetForcing(rules.Greedy(), end, wait=wait,
+                                                             max_waits=1))
+  got = sampler.generate(prompt, forced)[0][0].tokens.tolist()
+  head = free[:3] + list(wait)
+  assert got[:5] == head
+  again = sampler.generate([prompt[0] + head], cfg)[0][0].tokens.tolist()
+  assert got[5:] == again[:11]
+
+
+def test_budget_forcing_minimum_and_settings():
+  """The rule alone, fed logits that prefer a fixed successor of the row's last token (the
+  loop's part, taking back, done by hand): the delimiter 7 8 is replaced by "Wait" (5) while
+  fewer than min_thinking tokens precede it, then kept though waits remain. Settings that
+  force nothing or contradict each other are refused, naming what to set."""
+  successor = {0: 1, 1: 7, 7: 8, 8: 1, 5: 1}
+  rule = rules.BudgetForcing(rules.Greedy(), (7, 8), min_thinking=4, wait=(5,), max_waits=5)
+  step = jax.jit(rule)
+  state, out, keys = rule.init(1), [], jax.random.split(jax.random.key(0), 1)
+  while len(out) < 10:
+    logits = jax.nn.one_hot([successor[out[-1] if out else 0]], 10)
+    token, state = step(logits, keys, state)
+    out = out[:len(out) - int(rule.take_back(state)[0])] + [int(token[0])]
+  # 1 7 8: 1 token before the delimiter -> 1 5; 1 5 1 7 8: 3 -> 1 5 1 5; then 5 tokens: kept.
+  assert out == [1, 5, 1, 5, 1, 7, 8, 1, 7, 8] and int(state.waits[0]) == 2
+  assert int(state.held[0]) == len(out)
+  for bad, match in [(dict(), "forces nothing"), (dict(max_waits=1), "wait"),
+                     (dict(min_thinking=3), "set max_waits"),
+                     (dict(max_thinking=3, min_thinking=4, wait=(5,), max_waits=1), "exceeds"),
+                     (dict(max_thinking=-1), ">= 0")]:
+    with pytest.raises(ValueError, match=match):
+      rules.BudgetForcing(rules.Greedy(), (7, 8), **bad)
+  with pytest.raises(ValueError, match="think_end is empty"):
+    rules.BudgetForcing(rules.Greedy(), (), max_thinking=3)

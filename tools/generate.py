@@ -3,7 +3,14 @@
   python tools/generate.py --init=DIR --prompts=FILE.jsonl --output=FILE.jsonl \
       [--tokenizer=DIR] [--temperature=0.6 --top_p=0.95 --top_k=0] [--num_samples=1] \
       [--max_new_tokens=1024] [--chat_template=true] [--batch_size=8] [--samples_at_once=0] \
-      [--seed=0]
+      [--seed=0] [--max_thinking_tokens=0 --answer_cue=TEXT] \
+      [--max_waits=0 --min_thinking_tokens=0 --wait_text=Wait] [--think_end="</think>"]
+
+Budget forcing (s1): --max_thinking_tokens ends each sample's thinking there (then --think_end
+and --answer_cue are written and the model answers); --max_waits replaces a --think_end the
+model writes with --wait_text, up to that many times (only while fewer than
+--min_thinking_tokens thinking tokens precede it, when given). Thinking is counted from the
+first generated token (rules.BudgetForcing).
 
 DIR is a Hugging Face directory or an Orbax checkpoint / training workdir (then give
 --tokenizer). Lines are appended as batches finish; rerunning continues at the first prompt
@@ -44,6 +51,14 @@ flags.DEFINE_integer("batch_size", 8, "Sampler slots: groups of one prompt's sam
 flags.DEFINE_integer("samples_at_once", 0, "Samples of one prompt per slot (0 = all "
                      "num_samples); smaller bounds the KV cache. Must divide num_samples.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_string("think_end", "</think>", "End-of-thinking delimiter (budget forcing).")
+flags.DEFINE_integer("max_thinking_tokens", 0, "Most thinking tokens per sample, counted from "
+                     "the first generated one; then --think_end and --answer_cue (0 = off).")
+flags.DEFINE_string("answer_cue", "\nFinal Answer:", "Written after --think_end at the most.")
+flags.DEFINE_integer("min_thinking_tokens", 0, "A --think_end after fewer thinking tokens is "
+                     "replaced by --wait_text (0 = any, while --max_waits allow).")
+flags.DEFINE_string("wait_text", "Wait", "What replaces an early --think_end.")
+flags.DEFINE_integer("max_waits", 0, "Most replacements per sample (0 = off).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute and cache dtype.")
 flags.DEFINE_list("mesh", ["1", "-1", "1", "1"], "data,fsdp,context,tp (one may be -1).")
 flags.DEFINE_bool("restart", False, "Sample again over an output that other weights or "
@@ -71,9 +86,14 @@ def main(argv):
                                   checkpoint.load_model_config(FLAGS.init)[1])
   provenance = {"weights": source.identity(model.config, 0), "compute_dtype": FLAGS.dtype,
                 "tokenizer": renderer.identity()}
-  cfg = SamplingConfig(rule_from(FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p),
-                       max_new_tokens=FLAGS.max_new_tokens, stop_ids=generate.stop_ids(renderer),
-                       cache_dtype=FLAGS.dtype, vocab_size=tokenizer.vocab_size)
+  rule = generate.budget_forcing(
+      rule_from(FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p), tokenizer,
+      think_end=FLAGS.think_end, max_thinking=FLAGS.max_thinking_tokens,
+      answer_cue=FLAGS.answer_cue, min_thinking=FLAGS.min_thinking_tokens,
+      wait=FLAGS.wait_text, max_waits=FLAGS.max_waits)
+  cfg = SamplingConfig(rule, max_new_tokens=FLAGS.max_new_tokens,
+                       stop_ids=generate.stop_ids(renderer), cache_dtype=FLAGS.dtype,
+                       vocab_size=tokenizer.vocab_size)
   n = generate.generate_file(Sampler.from_model(model, mesh, consume=True), renderer,
                              FLAGS.prompts, FLAGS.output, cfg, num_samples=FLAGS.num_samples,
                              seed=FLAGS.seed, batch_size=FLAGS.batch_size,

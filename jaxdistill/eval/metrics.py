@@ -17,6 +17,15 @@ optionally the output token count of each sample and one greedy verdict per prob
                 with no votes at all scores 0.
   budget        (k, k x mean output tokens per sample, maj@k) for k = 1, 2, 4, ...: accuracy
                 against the average token budget, as in the O1-Journey plot.
+  stderr        the standard error over problems of each accuracy: the sample standard
+                deviation (n - 1) of the per-problem scores (a problem's mean correctness for
+                avg@n, its pass@k, its maj@k or greedy 0/1) over sqrt(problems). It measures
+                how far the score would move on other problems like these: one AIME problem
+                is 1/30 = 3.3 points, and one solved problem of 30 has a standard error of
+                exactly that. More samples per problem do not shrink it below the problems'
+                own spread.
+  thinking      tokens before the first end-of-thinking delimiter (`thinking_tokens`; all of
+                a sample that never writes it), averaged per sample.
 
 Equivalent wrong answers are merged only as far as their canonical strings agree (exact
 numbers, spacing, `\dfrac`...); a full symbolic merge would cost O(k^2) sympy calls per problem.
@@ -25,6 +34,7 @@ numbers, spacing, `\dfrac`...); a full symbolic merge would cost O(k^2) sympy ca
 from __future__ import annotations
 
 import collections
+import math
 from collections.abc import Sequence
 
 from jaxdistill.eval.grade import REASONS, Verdict
@@ -49,6 +59,29 @@ def pass_at_k(n: int, c: int, k: int) -> float:
   for i in range(n - c + 1, n + 1):
     prob_all_wrong *= 1.0 - k / i
   return 1.0 - prob_all_wrong
+
+
+def standard_error(scores: Sequence[float]) -> float | None:
+  """The standard error of the mean of per-problem `scores`: sqrt(sum((x - mean)^2) / (n - 1))
+  / sqrt(n); None for fewer than two problems (no spread to measure)."""
+  n = len(scores)
+  if n < 2:
+    return None
+  mean = sum(scores) / n
+  return math.sqrt(sum((x - mean) ** 2 for x in scores) / (n - 1) / n)
+
+
+def thinking_tokens(token_ids: Sequence[int], think_end: Sequence[int]) -> int:
+  """Tokens before the first occurrence of the delimiter `think_end` (as ids) in a sample;
+  the whole sample when it never closes its thinking. The sampler's budget forcing counts
+  the same way (rules.BudgetForcing), so a sample forced at budget B has at most B."""
+  ids, end = list(token_ids), list(think_end)
+  if not end:
+    raise ValueError("think_end is empty; give the delimiter's token ids")
+  for i in range(len(ids) - len(end) + 1):
+    if ids[i:i + len(end)] == end:
+      return i
+  return len(ids)
 
 
 def majority_vote(verdicts: Sequence[Verdict]) -> Verdict | None:
@@ -114,7 +147,8 @@ def budget_points(problems: Sequence[Sequence[Verdict]], tokens: Sequence[Sequen
 def summarize(problems: Sequence[Sequence[Verdict]], *,
               tokens: Sequence[Sequence[int]] | None = None,
               greedy: Sequence[Verdict | None] | None = None,
-              ks: Sequence[int] | None = None) -> dict:
+              ks: Sequence[int] | None = None,
+              thinking: Sequence[Sequence[int]] | None = None) -> dict:
   """Every metric of the module for one evaluation set, as a JSON-ready dict.
 
   Args:
@@ -122,12 +156,17 @@ def summarize(problems: Sequence[Sequence[Verdict]], *,
     tokens: optional per-problem output token counts, shaped like `problems`.
     greedy: optional greedy verdict per problem (None where a problem has none).
     ks: k values for pass@k and maj@k (default: powers of two up to the smallest n).
+    thinking: optional per-problem thinking token counts (`thinking_tokens`), shaped like
+      `problems`.
 
   Returns:
     {"problems", "samples", "n_min", "n_max", "accuracy", "avg@n", "counts" (per reason),
     "extraction_failures", "extraction_failure_rate", "truncations", "truncation_rate",
-    "disagreeing_boxes", "pass@k", "maj@k"} plus "greedy_accuracy"/"greedy_problems" with
-    `greedy`, and "mean_output_tokens"/"budget" with `tokens`.
+    "disagreeing_boxes", "pass@k", "maj@k", "stderr"} plus "greedy_accuracy"/"greedy_problems"
+    with `greedy`, "mean_output_tokens"/"budget" with `tokens`, and "mean_thinking_tokens"
+    with `thinking`. "stderr" holds the standard error over problems (None for one problem)
+    of "accuracy" and "avg@n" (both from the per-problem means), of each "pass@k" and
+    "maj@k", and of "greedy_accuracy".
   """
   _check_problems(problems)
   samples = [v for vs in problems for v in vs]
@@ -135,6 +174,7 @@ def summarize(problems: Sequence[Sequence[Verdict]], *,
   ks = list(ks or powers_of_two(n_min))
   counts = collections.Counter(v.reason for v in samples)
   total = len(samples)
+  per_problem = [sum(v.correct for v in vs) / len(vs) for vs in problems]
   out = {
       "problems": len(problems),
       "samples": total,
@@ -151,15 +191,25 @@ def summarize(problems: Sequence[Sequence[Verdict]], *,
       "pass@k": {str(k): mean_pass_at_k(problems, k) for k in ks},
       "maj@k": {str(k): mean_maj_at_k(problems, k) for k in ks},
   }
+  se = standard_error(per_problem)
+  out["stderr"] = {
+      "accuracy": se, "avg@n": se,
+      "pass@k": {str(k): standard_error([pass_at_k(len(vs), sum(v.correct for v in vs), k)
+                                         for vs in problems]) for k in ks},
+      "maj@k": {str(k): standard_error([float(maj_at_k(vs, k)) for vs in problems])
+                for k in ks}}
   if greedy is not None:
     if len(greedy) != len(problems):
       raise ValueError(f"{len(greedy)} greedy verdicts for {len(problems)} problems")
     graded = [v for v in greedy if v is not None]
     out["greedy_problems"] = len(graded)
     out["greedy_accuracy"] = sum(v.correct for v in graded) / len(graded) if graded else None
+    out["stderr"]["greedy_accuracy"] = standard_error([float(v.correct) for v in graded])
   if tokens is not None:
     out["mean_output_tokens"] = _mean_tokens(problems, tokens)
     out["budget"] = budget_points(problems, tokens, ks)
+  if thinking is not None:
+    out["mean_thinking_tokens"] = _mean_tokens(problems, thinking)
   return out
 
 
