@@ -48,6 +48,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.sources = ""  # comma-separated paths/globs; "path@weight" for a weighted mixture
   c.data.format = "auto"  # "auto" | "messages" | "sharegpt" | "s1k" | "problem_solution" | "openr1"
+  # How records are read (jaxdistill/data/formats.py, FormatSpec). Renamed fields as
+  # "canonical=theirs,...", e.g. "question=query,thinking_trajectories=reasoning,attempt=final"
+  # or "messages=dialog,role=speaker,content=text" ("" = the canonical names).
+  c.data.fields = ""
+  c.data.thinking_open = "<think>\n"  # s1k: assistant turn = open + thinking + close + answer
+  c.data.thinking_close = "\n</think>\n\n"
+  c.data.system_prompt = ""  # system message for conversations without one ("" = none)
+  c.data.s1k_variant = "auto"  # s1k pair: "auto" | "deepseek" | "gemini" | "original"
   c.data.tokenizer = ""  # HF tokenizer directory or SentencePiece .model (default: init.hf_dir)
   c.data.chat_template = "auto"  # "auto" | "tokenizer" | "chatml" | "llama3"
   c.data.seq_len = 2048  # tokens per packed row

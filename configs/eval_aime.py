@@ -7,6 +7,8 @@ Temperature 0.6, top-p 0.95, up to 32,768 new tokens, plus one greedy sample; fp
 and KV cache. Writes RUNS/eval/eval/<task>/{generations.jsonl, summary.json, budget.png} and
 RUNS/eval/eval/report.md. Rerunning continues an interrupted evaluation. A distilled
 Qwen2.5-32B (s1-style) should reach roughly 40-55% avg@64 on AIME24.
+Hardware: 8x H100 80GB for a Qwen2.5-32B (8 slots of 2 samples: 16 rows of 33k fp32 cache a
+device; on more devices raise eval.samples_at_once, as `tools/plan.py` suggests).
 """
 
 from configs import base

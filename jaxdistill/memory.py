@@ -45,7 +45,7 @@ from collections.abc import Sequence
 import jax
 from flax import nnx
 
-from jaxdistill import attention, model, sharding
+from jaxdistill import attention, hardware, model, settings as settings_lib, sharding
 from jaxdistill.hardware import Chip
 from jaxdistill.model_config import ModelConfig
 
@@ -519,3 +519,52 @@ def suggest_eval(cfg: ModelConfig, shape: EvalShape, mesh: tuple[int, int, int, 
             cost += 2
           found.append(Suggestion(overrides, est, cost))
   return _first_distinct(found, limit)
+
+
+def plan(s: settings_lib.Settings, topo: hardware.Topology, margin: float = 0.1,
+         suggestions: int = 5, prompt_len: int = 256) -> dict:
+  """Estimates, verdicts and suggestions for run settings `s` on `topo`, as a JSON-able dict
+  (what tools/plan.py prints): the training step whatever the mode, and evaluation."""
+  cfg = s.model.preset_config()
+  mesh = resolve_mesh(s.mesh_shape, topo.devices)
+  problems = []
+  try:  # the training checks, whatever the config's mode
+    settings_lib.check_run(dataclasses.replace(s, mode="train"), cfg, mesh)
+  except settings_lib.ConfigError as e:
+    problems = e.problems
+  shape = TrainShape(global_batch_size=s.train.global_batch_size, seq_len=s.data.seq_len,
+                     micro_batches=s.train.micro_batches, loss_chunk=s.train.loss_chunk)
+  train = estimate_train(cfg, shape, mesh, topo.chip.platform)
+  # What the trainer refuses beyond what the estimator checks (and its suggestions avoid).
+  other_problems = [p for p in problems if p not in train.problems]
+  train.problems = list(dict.fromkeys(problems + train.problems))
+  e = s.eval
+  eval_shape = EvalShape(batch_size=e.batch_size, num_samples=e.num_samples,
+                         samples_at_once=e.samples_at_once, max_new_tokens=e.max_new_tokens,
+                         prompt_len=prompt_len, compute_dtype=e.compute_dtype,
+                         cache_dtype=e.cache_dtype)
+  evaluation = estimate_eval(cfg.replace(compute_dtype=e.compute_dtype), eval_shape, mesh)
+  budget = int(topo.chip.hbm_bytes * (1 - margin))
+  out = {
+      "model": {"preset": s.model.preset, "params": cfg.num_params(),
+                "param_dtype": cfg.param_dtype, "compute_dtype": cfg.compute_dtype,
+                "remat": cfg.remat, "attention": cfg.attention},
+      "topology": {"name": topo.name, "devices": topo.devices, "chip": topo.chip.name,
+                   "hbm_bytes": topo.chip.hbm_bytes, "peak_bf16_flops": topo.chip.peak_flops},
+      "mesh": dict(zip(("data", "fsdp", "context", "tp"), mesh)),
+      "budget_bytes": budget, "margin": margin,
+      "train": dict(train.to_dict(), fits=train.fits(topo.chip.hbm_bytes, margin),
+                    suggestions=[], unaddressed=other_problems),
+      "eval": dict(evaluation.to_dict(), fits=evaluation.fits(topo.chip.hbm_bytes, margin),
+                   suggestions=[]),
+  }
+  if not out["train"]["fits"]:
+    out["train"]["suggestions"] = [
+        {"flags": g.flags(), "peak": g.estimate.peak, "cost": round(g.cost, 3)}
+        for g in suggest(cfg, shape, mesh, topo.chip, margin, suggestions)]
+  if not out["eval"]["fits"]:
+    out["eval"]["suggestions"] = [
+        {"flags": g.flags(), "peak": g.estimate.peak, "cost": round(g.cost, 3)}
+        for g in suggest_eval(cfg.replace(compute_dtype=e.compute_dtype), eval_shape, mesh,
+                              topo.chip, margin, 3)]
+  return out

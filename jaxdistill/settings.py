@@ -20,7 +20,7 @@ import os
 import ml_collections
 
 from jaxdistill import evaluate
-from jaxdistill.data import builder
+from jaxdistill.data import builder, formats
 from jaxdistill import model_config as model_config_lib
 from jaxdistill.model_config import ModelConfig
 from jaxdistill.optimizer import OptimConfig
@@ -121,8 +121,23 @@ class ConfigError(ValueError):
     self.problems = problems
 
 
+def _unset(c: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """Keys a config file leaves to the command line (`config_dict.placeholder`, still None)."""
+  out = []
+  for key, value in c.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out += _unset(value, f"{prefix}{key}.")
+    elif value is None:
+      out.append(f"{prefix}{key}")
+  return out
+
+
 def parse(c: ml_collections.ConfigDict) -> Settings:
   """Typed settings of the config `c`; raises ConfigError listing every problem found."""
+  missing = _unset(c)
+  if missing:  # nothing else can be read from a config with holes
+    raise ConfigError([f"{k} has no value: this config takes it on the command line, "
+                       f"--config.{k}=..." for k in missing])
   problems: list[str] = []
 
   def build(fn, *args, **kwargs):
@@ -147,8 +162,13 @@ def parse(c: ml_collections.ConfigDict) -> Settings:
         f"model.{', model.'.join(f for f, _ in architecture)} change the architecture of a "
         "random init; with init.checkpoint or init.hf_dir the weights decide it: set them "
         "back to 0")
+  d = c.data
+  if d.format != "auto" and d.format not in formats.FORMATS:
+    problems.append(f"data.format={d.format!r} is not 'auto' or one of {formats.FORMATS}")
+  format_spec = build(formats.parse_spec, d.fields, d.thinking_open, d.thinking_close,
+                      d.system_prompt, d.s1k_variant, prefix="data.")
   data = builder.DataSettings(
-      sources=c.data.sources, format=c.data.format,
+      sources=c.data.sources, format=c.data.format, format_spec=format_spec,
       tokenizer=c.data.tokenizer or c.init.hf_dir, chat_template=c.data.chat_template,
       seq_len=c.data.seq_len, packing=c.data.packing, overlong=c.data.overlong,
       shuffle=c.data.shuffle, validation_sources=c.data.validation_sources,

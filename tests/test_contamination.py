@@ -212,3 +212,22 @@ def test_cli(tmp_path):
   assert run.returncode != 0 and "missing.jsonl" in run.stderr
   run = _cli(f"--train={path}", f"--write_filtered={path}")
   assert run.returncode != 0 and "--train" in run.stderr
+  run = _cli(f"--train={path}", "--fields=query=question")
+  assert run.returncode != 0
+  assert "--fields: unknown canonical field 'query' (the canonical name comes first: " \
+         "question=query?)" in run.stderr
+
+
+def test_cli_reads_renamed_fields_as_training_does(tmp_path):
+  # The --fields flag is the run's data.fields: the copies are found under other names.
+  aime = _item("aime24", AIME_ID)["problem"]
+  path = tmp_path / "renamed.jsonl"
+  path.write_text(json.dumps({"chat": [{"who": "user", "says": aime},
+                                       {"who": "assistant", "says": "204"}]}) + "\n"
+                  + json.dumps({"query": MATH_RESPACED, "final": "p - q"}) + "\n")
+  run = _cli(f"--train={path}", "--eval=aime24,math500",
+             "--fields=messages=chat,role=who,content=says,question=query,solution=final")
+  assert run.returncode == 0, run.stderr
+  assert f"{path}:1  aime24 {AIME_ID}" in run.stdout
+  assert f"{path}:2  math500 {MATH_ID}" in run.stdout
+  assert "checked 2 of 2 training records (0 skipped)" in run.stdout

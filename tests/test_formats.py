@@ -1,10 +1,13 @@
 """Trace formats -> conversations: golden records per format, remapping, filtering, bad input."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
-from jaxdistill.data.formats import (FORMATS, FormatError, FormatSpec, detect_format,
-                                     to_conversations, validate_conversation)
+from configs import base
+from jaxdistill.data.formats import (DEFAULT_SPEC, FORMATS, FormatError, detect_format,
+                                     parse_spec, to_conversations, validate_conversation)
 
 STILL2_SYSTEM = ("Your role as an assistant involves thoroughly exploring questions through a "
                  "systematic long thinking process before providing the final precise and "
@@ -14,6 +17,10 @@ STRATOS_ANSWER = ("<|begin_of_thought|>\n\nPrimes above 20: 21 = 3 * 7 is not pr
                   "even, 23 has no divisor up to 4.\n\n<|end_of_thought|>\n\n"
                   "<|begin_of_solution|>\n\nThe smallest prime above 20 is \\boxed{23}."
                   "\n\n<|end_of_solution|>")
+
+
+def _spec(**kw):
+  return dataclasses.replace(DEFAULT_SPEC, **kw)
 
 
 def user(text):
@@ -102,9 +109,9 @@ def test_s1k_wraps_joined_thinking():
 
 
 def test_s1k_with_s1_wrapper_and_system_prompt():
-  spec = FormatSpec(thinking_open="<|im_start|>think\n",
-                    thinking_close="\n<|im_start|>answer\nAnswer: ",
-                    system_prompt="Please reason step by step.")
+  spec = _spec(thinking_open="<|im_start|>think\n",
+               thinking_close="\n<|im_start|>answer\nAnswer: ",
+               system_prompt="Please reason step by step.")
   [conversation] = to_conversations(_s1k_record(), "s1k", spec)
   assert conversation[0] == system("Please reason step by step.")
   assert conversation[2]["content"] == (
@@ -126,22 +133,22 @@ def _s1k11_record():
     ("gemini", "Gemini thinks.", "Gemini: 23"),
 ])
 def test_s1k11_variants(variant, thinking, answer):
-  [conversation] = to_conversations(_s1k11_record(), spec=FormatSpec(s1k_variant=variant))
+  [conversation] = to_conversations(_s1k11_record(), spec=_spec(s1k_variant=variant))
   assert conversation[-1]["content"] == f"<think>\n{thinking}\n</think>\n\n{answer}"
 
 
 def test_s1k_with_both_versions_defaults_to_deepseek_and_can_pick_original():
   record = {**_s1k_record(), **_s1k11_record()}
   assert "DeepSeek thinks." in to_conversations(record)[0][-1]["content"]
-  original = to_conversations(record, spec=FormatSpec(s1k_variant="original"))
+  original = to_conversations(record, spec=_spec(s1k_variant="original"))
   assert "21 is 3 times 7." in original[0][-1]["content"]
 
 
 def test_s1k_variant_missing_fields():
   with pytest.raises(FormatError, match="missing field 'thinking_trajectories'"):
-    to_conversations(_s1k11_record(), spec=FormatSpec(s1k_variant="original"))
+    to_conversations(_s1k11_record(), spec=_spec(s1k_variant="original"))
   with pytest.raises(ValueError, match="s1k_variant"):
-    FormatSpec(s1k_variant="claude")
+    _spec(s1k_variant="claude")
 
 
 @pytest.mark.parametrize("record", [
@@ -201,7 +208,7 @@ def test_openr1_chosen_messages_when_asked():
 # -- Field remapping --------------------------------------------------------------------------
 
 def test_field_map_remaps_and_detects():
-  spec = FormatSpec(field_map={"question": "prompt", "solution": "response"})
+  spec = _spec(field_map={"question": "prompt", "solution": "response"})
   record = {"prompt": "2 + 2?", "response": "4"}
   assert detect_format(record, spec) == "problem_solution"
   assert to_conversations(record, spec=spec) == [[user("2 + 2?"), assistant("4")]]
@@ -210,14 +217,14 @@ def test_field_map_remaps_and_detects():
 
 
 def test_field_map_message_keys():
-  spec = FormatSpec(field_map={"conversations": "turns", "from": "speaker", "value": "text"})
+  spec = _spec(field_map={"conversations": "turns", "from": "speaker", "value": "text"})
   record = {"turns": [{"speaker": "human", "text": "hi"}, {"speaker": "gpt", "text": "yo"}]}
   assert to_conversations(record, spec=spec) == [[user("hi"), assistant("yo")]]
 
 
 def test_openthoughts_metadata_through_s1k_remap():
-  spec = FormatSpec(field_map={"question": "problem", "thinking_trajectories": "deepseek_reasoning",
-                               "attempt": "deepseek_solution"}, s1k_variant="original")
+  spec = _spec(field_map={"question": "problem", "thinking_trajectories": "deepseek_reasoning",
+                          "attempt": "deepseek_solution"}, s1k_variant="original")
   record = {"problem": "Is 91 prime?", "deepseek_reasoning": "91 = 7 * 13.",
             "deepseek_solution": "No.", "ground_truth_solution": "No", "domain": "math"}
   assert to_conversations(record, "s1k", spec) == [[
@@ -226,13 +233,45 @@ def test_openthoughts_metadata_through_s1k_remap():
 
 def test_spec_copies_field_map():
   field_map = {"question": "prompt"}
-  spec = FormatSpec(field_map=field_map)
+  spec = _spec(field_map=field_map)
   field_map["question"] = "other"
   assert spec.name("question") == "prompt"
 
 
+def test_parse_spec_reads_settings_written_as_strings():
+  # A run's data.* defaults (configs/base.py) are the library's DEFAULT_SPEC.
+  d = base.get_config().data
+  assert parse_spec(d.fields, d.thinking_open, d.thinking_close, d.system_prompt,
+                    d.s1k_variant) == DEFAULT_SPEC
+  spec = parse_spec(" question=query, thinking_trajectories=reasoning,attempt=final ", "<r>",
+                    "</r>", "Be brief.", "original")
+  assert spec == _spec(field_map={"question": "query", "thinking_trajectories": "reasoning",
+                                  "attempt": "final"}, thinking_open="<r>", thinking_close="</r>",
+                       system_prompt="Be brief.", s1k_variant="original")
+  record = {"query": "2 + 2?", "reasoning": ["Add.", "Four."], "final": "4"}
+  assert to_conversations(record, spec=spec) == [[
+      system("Be brief."), user("2 + 2?"), assistant("<r>Add.\nFour.</r>4")]]
+
+
+@pytest.mark.parametrize("fields,variant,system_prompt,message", [
+    ("questoin=query", "auto", "", r"data\.fields: unknown canonical field 'questoin'; the "
+     r"canonical names are messages, .*, question,"),
+    ("query=question,final=attempt", "auto", "",
+     r"'query', 'final' \(the canonical name comes first: question=query,attempt=final\?\)"),
+    ("question", "auto", "", r"data\.fields: 'question' is not canonical=theirs \(write e\.g\. "
+     r"data\.fields=question=query,solution=final\)"),
+    ("question=a,question=b", "auto", "", r"'question' is renamed twice \('a' and 'b'\)"),
+    ("", "claude", "", r"data\.s1k_variant='claude' is not one of \('auto', 'deepseek'"),
+    ("", "auto", "  ", r"data\.system_prompt is blank; set it to \"\" for no system prompt"),
+])
+def test_parse_spec_refuses_bad_settings_saying_what_to_change(fields, variant, system_prompt,
+                                                               message):
+  with pytest.raises(ValueError, match=message):
+    parse_spec(fields, "<think>", "</think>", system_prompt, variant, prefix="data.")
+
+
 def test_system_prompt_added_only_when_missing():
-  spec = FormatSpec(system_prompt="Reason step by step.")
+  spec = _spec(system_prompt="Reason step by step.")
   record = {"question": "q?", "solution": "a."}
   assert to_conversations(record, spec=spec)[0][0] == system("Reason step by step.")
   own = {"messages": [system("Mine."), user("q?"), assistant("a.")]}

@@ -148,7 +148,9 @@ def _load(path, *overrides):
     *parents, leaf = key.split(".")
     for p in parents:
       node = node[p]
-    if isinstance(node[leaf], bool):
+    if node[leaf] is None:  # a placeholder the command line fills
+      node[leaf] = value
+    elif isinstance(node[leaf], bool):
       node[leaf] = value.lower() in ("true", "1")
     elif isinstance(node[leaf], tuple):
       node[leaf] = eval(value)  # pylint: disable=eval-used
@@ -234,3 +236,49 @@ def test_readme_eval_command_after_the_tiny_run(uninterrupted, tmp_path):
   summary = json.loads((tmp_path / "eval" / "eval" / "aime24" / "summary.json").read_text())
   assert summary["problems"] == 3 and summary["samples"] == 12
   assert summary["model"]["init"].startswith(f"init.checkpoint={train_dir}")
+
+
+def test_o1_journey_recipe_runs_both_phases_as_written_at_tiny_scale(tmp_path, monkeypatch):
+  """configs/qwen2_5_math_72b_sft.py end to end on a tiny Qwen2 checkpoint: phase 1 from the
+  Hugging Face directory with the recipe's raised RoPE; phase 2 refused without phase 1's
+  workdir, then run from it as given on the command line, with its own fresh optimizer and
+  schedule (steps restart at 1, warmup from phase 2's learning rate)."""
+  from tests import hf_fixtures  # pylint: disable=g-import-not-at-top
+  hf_dir = hf_fixtures.save_tiny_model(tmp_path / "hf", "qwen2", vocab_size=384,
+                                       rope_theta=10000.0, max_position_embeddings=64)
+  assets = os.path.join(ROOT, "jaxdistill", "assets")
+  config = "configs/qwen2_5_math_72b_sft.py"
+  tiny = [f"--config.data.sources={os.path.join(assets, 'tiny_traces.jsonl')}",
+          f"--config.data.tokenizer={os.path.join(assets, 'tiny_tokenizer.model')}",
+          "--config.data.chat_template=chatml", "--config.data.seq_len=512",
+          "--config.train.global_batch_size=2", "--config.train.num_steps=3",
+          "--config.train.loss_chunk=512", "--config.train.log_every=1"]
+  phase1, phase2 = str(tmp_path / "phase1"), str(tmp_path / "phase2")
+
+  r = subprocess.run(_cmd(phase1, f"--config.init.hf_dir={hf_dir}", *tiny,
+                          config=f"{config}:1"), cwd=ROOT, env=_env(2), capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-4000:]
+  m1 = json.load(open(os.path.join(phase1, "manifest.json")))
+  assert m1["weight_source"]["kind"] == "hf" and m1["mesh"]["context"] == 2
+  assert (m1["model_config"]["rope_theta"], m1["model_config"]["max_position_embeddings"]) == (
+      300000.0, 16384)  # raised from the checkpoint's 1e4 and 64
+
+  monkeypatch.chdir(ROOT)
+  with pytest.raises(ValueError, match=r"init.checkpoint has no value: .*--config.init.checkpoint"):
+    main_lib.run(_load(f"{config}:2"), str(tmp_path / "refused"))
+  assert not os.path.exists(tmp_path / "refused")
+
+  r = subprocess.run(_cmd(phase2, f"--config.init.checkpoint={phase1}", *tiny,
+                          config=f"{config}:2"), cwd=ROOT, env=_env(2), capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-4000:]
+  m2 = json.load(open(os.path.join(phase2, "manifest.json")))
+  assert m2["weight_source"] == {"kind": "checkpoint", "path": phase1, "step": 3, "preset": ""}
+  assert m2["model_config"]["rope_theta"] == 300000.0
+  rows = _losses(phase2)
+  assert [row["step"] for row in rows] == [1, 2, 3]  # a fresh optimizer step count
+  s2 = settings.parse(_load(f"{config}:2", f"init.checkpoint={phase1}", "train.num_steps=3"))
+  schedule = optimizer_lib.make_schedule(s2.optim)
+  assert [row["lr"] for row in rows] == pytest.approx([float(schedule(i)) for i in range(3)])
+  assert sorted(int(d) for d in os.listdir(os.path.join(phase2, "checkpoints"))) == [3]

@@ -1,6 +1,8 @@
 """The memory planner against XLA: memory.py's per-device estimate of the real train step and
 decode step vs `compiled.memory_analysis()` on CPU, plus the CLI's suggestions."""
 
+import ast
+import glob
 import json
 import os
 import subprocess
@@ -14,7 +16,7 @@ import pytest
 from flax import nnx
 
 from jaxdistill import (attention, hardware, memory, metrics, model as model_lib, sampler,
-                        sharding, train)
+                        settings, sharding, train)
 from jaxdistill.model_config import ModelConfig
 from jaxdistill.optimizer import make_optimizer, make_schedule
 from tests import defaults
@@ -214,3 +216,49 @@ def test_planner_resolves_attention_by_the_models_rule():
                                ("gpu", (1, 1, 2, 1), "context")):
     est = memory.estimate_train(cfg, memory.TrainShape(2, 256), mesh, platform)
     assert f"attention {want}" in est.notes[0], (platform, est.notes)
+
+
+def _recipe_runs():
+  """(config path, phase argument, documented overrides, topology) for every recipe config and
+  every piece of hardware its docstring names, with each variant the docstring gives as a
+  backquoted run of `--config.` flags."""
+  import re  # pylint: disable=g-import-not-at-top
+  runs = []
+  for path in sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))):
+    name = os.path.basename(path)
+    if name in ("__init__.py", "base.py", "tiny.py", "demo.py"):
+      continue
+    doc = ast.get_docstring(ast.parse(open(path, encoding="utf-8").read()))
+    hardware_line = doc.split("Hardware:", 1)[1].split("(", 1)[0]
+    topologies = [f"{n}x{chip}" for n, chip in re.findall(r"(\d+)x (H100|H200|A100)",
+                                                          hardware_line)]
+    topologies += re.findall(r"\b(v\d[a-z]?-\d+)\b", hardware_line)
+    assert topologies, f"{name}: the docstring's Hardware: line names no topology"
+    variants = [()] + [tuple(v.split()) for v in re.findall(r"`(--config\.[^`]+)`", doc)]
+    phases = re.findall(rf"--config=configs/{name}:(\w+)", doc) or [None]
+    for phase in dict.fromkeys(phases):
+      for variant in variants:
+        for topo in topologies:
+          runs.append((name, phase, variant, topo))
+  return runs
+
+
+@pytest.mark.parametrize("name, phase, variant, topo", _recipe_runs(),
+                         ids=lambda x: " ".join(x) if isinstance(x, tuple) else str(x))
+def test_recipes_fit_the_hardware_their_docstrings_name(name, phase, variant, topo):
+  """Every recipe, as published (batch, learning rate, sequence length, epochs untouched), is
+  accepted by the config checks and fits in memory on each topology its docstring names: the
+  training step for a training recipe, sampling for an evaluation one."""
+  from tests.test_main import _load  # pylint: disable=g-import-not-at-top
+  config = f"configs/{name}" + (f":{phase}" if phase else "")
+  overrides = [o.removeprefix("--config.") for o in variant]
+  if phase == "2":
+    overrides.append("init.checkpoint=RUNS/phase1")
+  s = settings.parse(_load(config, *overrides))
+  plan = memory.plan(s, hardware.topology(topo))
+  phase_name = "eval" if s.mode == "eval" else "train"
+  got = plan[phase_name]
+  assert got["fits"] and not got["problems"], (config, variant, topo, got["problems"],
+                                               got["peak"] / 2**30)
+  if s.mode == "train_and_eval":
+    assert plan["eval"]["fits"], (config, topo)

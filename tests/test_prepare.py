@@ -417,3 +417,126 @@ def test_prepared_data_from_another_tokenizer_is_refused(mixed, renderer, packed
              for r in caplog.records)
   with pytest.raises(ValueError, match=rf"vocab_size 384 != {other.tokenizer.vocab_size}"):
     builder.check_prepared([str(bare)], other)
+
+
+# -- Datasets with their own field names, and TFDS datasets -----------------------------------
+
+# The renamed traces' settings, as data.* keys and as the tools' flags of the same names.
+RENAMED = {"fields": "question=query,thinking_trajectories=reasoning,attempt=final,"
+                     "messages=dialog,role=speaker,content=text",
+           "thinking_open": "<reasoning>\n", "thinking_close": "\n</reasoning>\n",
+           "system_prompt": "Be brief."}
+
+
+@pytest.fixture(scope="module")
+def renamed(tmp_path_factory):
+  """The same 8 traces twice: (canonical `messages` JSONL, JSONL in two renamed schemas that
+  `RENAMED` reads; neither reads with the default settings)."""
+  canonical, renamed = [], []
+  for k, (q, think, ans) in enumerate(_traces(8)):
+    if k % 2:  # s1K-like, the thinking in its own field and wrapped by the thinking_* keys
+      renamed.append({"query": q, "reasoning": think, "final": ans, "id": k})
+      reply = f"<reasoning>\n{think.strip()}\n</reasoning>\n{ans.strip()}"
+    else:  # a messages list under another key, with other role/content keys
+      reply = f"<think>\n{think}\n</think>\n\n{ans}"
+      renamed.append({"dialog": [{"speaker": "user", "text": q},
+                                 {"speaker": "assistant", "text": reply}]})
+    canonical.append({"messages": [{"role": "system", "content": "Be brief."},
+                                   {"role": "user", "content": q},
+                                   {"role": "assistant", "content": reply}]})
+  out = tmp_path_factory.mktemp("renamed")
+  for name, records in (("canonical", canonical), ("renamed", renamed)):
+    (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  return str(out / "canonical.jsonl"), str(out / "renamed.jsonl")
+
+
+def _examples(spec, renderer, fmt="auto", format_spec=formats.DEFAULT_SPEC):
+  """(tokens, loss mask) of every record of the source `spec`, rendered."""
+  src, fn = sources.open_source(spec), builder.example_fn(renderer, fmt, format_spec)
+  return [(e.tokens.tolist(), e.loss_mask.tolist()) for i in range(len(src))
+          for e in fn(src[i].record)]
+
+
+def test_a_run_reads_renamed_fields_through_data_keys_alone(renamed):
+  canonical, renamed_path = renamed
+  c = base.get_config()
+  c.data.tokenizer, c.data.chat_template, c.data.seq_len = TOKENIZER, "chatml", SEQ_LEN
+  c.data.prefetch, c.train.global_batch_size = 0, 2
+  batches = {}
+  for name, path in (("canonical", canonical), ("renamed", renamed_path)):
+    c.data.sources = path
+    for key, value in RENAMED.items():
+      c.data[key] = value if name == "renamed" else base.get_config().data[key]
+    s = settings.parse(c)
+    data = builder.build_training_data(s.data, global_batch_size=2, num_steps=0, seed=0)
+    batches[name] = list(data.train)
+    assert data.train.stats["kept"] == 8 and data.num_steps == len(batches[name])
+  assert len(batches["canonical"]) == len(batches["renamed"]) >= 2
+  for a, b in zip(batches["canonical"], batches["renamed"]):
+    for k in packing.ROW_KEYS:
+      np.testing.assert_array_equal(a[k], b[k])
+  with pytest.raises(formats.FormatError):  # the keys are what made them readable
+    formats.to_conversations(json.loads(open(renamed_path).readline()))
+  c.data.fields = "query=question"
+  with pytest.raises(settings.ConfigError, match=r"data\.fields: unknown canonical field "
+                     r"'query' \(the canonical name comes first: question=query\?\)"):
+    settings.parse(c)
+
+
+def test_tfds_dataset_reads_back_as_the_jsonl_it_was_written_from(mixed, renderer, tmp_path,
+                                                                  monkeypatch):
+  pytest.importorskip("tensorflow_datasets")
+  from jaxdistill.data import tfds_traces  # pylint: disable=g-import-not-at-top
+  path, _, bad_lines = mixed
+  out = tfds_traces.write_dataset([path], str(tmp_path), "mixed_traces", keep_bad=2)
+  # 49 conversations from 45 records: the JSONL's 48 examples and the reply holding an
+  # <|im_end|>, which only rendering refuses (as it does for the JSONL).
+  assert out["records"] == 45 and out["conversations"] == 49 and out["no_conversations"] == 1
+  assert out["bad_records"]["count"] == 3
+  assert [b["location"] for b in out["bad_records"]["first"]] == [
+      f"{path}:{n}" for n in bad_lines[:2]]
+  assert out["source"] == "tfds:mixed_traces@train"
+  assert os.path.exists(os.path.join(out["path"], "dataset_info.json"))
+  with pytest.raises(ValueError, match="already holds a dataset"):
+    tfds_traces.write_dataset([path], str(tmp_path), "mixed_traces")
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+  first = sources.open_source(out["source"])[0]
+  assert first.location == "tfds:mixed_traces@train:0"
+  assert first.record == {"messages": formats.to_conversations(
+      json.loads(open(path).readline()))[0]}
+  # The pipeline makes the very batches from the TFDS dataset that it makes from the JSONL
+  # (unshuffled: 49 conversations do not shuffle as 45 records do).
+  fn = builder.example_fn(renderer, "auto", formats.DEFAULT_SPEC)
+  batches = {}
+  for spec in (path, out["source"]):
+    cfg = pipeline.DataConfig(sources=(pipeline.SourceConfig(spec),), seq_len=SEQ_LEN,
+                              global_batch_size=2, shuffle=False, num_threads=2,
+                              prefetch_batches=0)
+    it = pipeline.DataIterator(cfg, fn, process_index=0, process_count=1)
+    batches[spec] = list(it)
+    assert it.stats["kept"] == 47
+  assert len(batches[path]) == len(batches[out["source"]]) > 5
+  for a, b in zip(batches[path], batches[out["source"]]):
+    for k in packing.ROW_KEYS:
+      np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_cli_flags_read_renamed_fields_into_a_tfds_dataset(renamed, renderer, tmp_path,
+                                                           monkeypatch):
+  pytest.importorskip("tensorflow_datasets")
+  canonical, renamed_path = renamed
+  tool = os.path.join(ROOT, "tools", "prepare_traces.py")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  flags = [f"--{k}={v}" for k, v in RENAMED.items()]
+  run = subprocess.run([sys.executable, tool, f"--input={renamed_path}", *flags,
+                        "--tfds_name=renamed", f"--tfds_dir={tmp_path}"],
+                       capture_output=True, text=True, env=env, timeout=120)
+  assert run.returncode == 0, run.stderr
+  assert "records 8: 8 conversations" in run.stdout
+  assert f"TFDS_DATA_DIR={tmp_path} --config.data.sources=tfds:renamed@train" in run.stdout
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+  want = _examples(canonical, renderer)
+  assert len(want) == 8 and _examples("tfds:renamed@train", renderer) == want
+  # The same settings, read from flags or from data.* keys, are the same FormatSpec.
+  spec = formats.parse_spec(**RENAMED, s1k_variant="auto")
+  assert _examples(renamed_path, renderer, format_spec=spec) == want

@@ -120,20 +120,20 @@ def test_open_source_rejects_what_it_cannot_read(tmp_path):
     sources.open_source(str(tmp_path))
 
 
-def test_tfds_source_is_optional():
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  if importlib.util.find_spec("tensorflow_datasets") is None:
-    with pytest.raises(ImportError, match=r"pip install 'jaxdistill\[tfds\]'"):
-      sources.open_source("tfds:s1k@train")
-    return
-  pytest.skip("tensorflow_datasets is installed; reading needs a prepared dataset")
+def test_tfds_source_is_optional(monkeypatch):
+  import sys  # pylint: disable=g-import-not-at-top
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # as if not installed
+  with pytest.raises(ImportError, match=r"pip install 'jaxdistill\[tfds\]'"):
+    sources.open_source("tfds:s1k@train")
 
 
 def test_tfds_records_decode_to_json_like_values(monkeypatch):
-  # `tfds.data_source` returns features as bytes and numpy values with random access; a
-  # stand-in module with exactly that shape checks the adapter without TensorFlow.
+  # What a real dataset reads back as is in tests/test_prepare.py (the tfds extra); this
+  # stand-in returns what `tfds.data_source` can, plus an invalid UTF-8 string, which a
+  # dataset written through TFDS cannot hold.
   import sys  # pylint: disable=g-import-not-at-top
   import types  # pylint: disable=g-import-not-at-top
+  monkeypatch.delenv("TFDS_DATA_DIR", raising=False)
   records = [
       {"question": "What is 2+2?".encode(), "thinking_trajectories": np.array([b"<t>4</t>"]),
        "attempt": "\\boxed{4}".encode(), "cot_type": b"math", "metadata": np.int64(7)},

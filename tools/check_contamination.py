@@ -2,7 +2,10 @@ r"""Checks training traces for overlap with the bundled evaluation sets, and can
 
   python tools/check_contamination.py --train='data/*.jsonl,extra.parquet' \
       [--eval=aime24,aime25,amc23,math500] [--ngram=13] [--threshold=0.5] [--format=auto] \
-      [--report=overlap.json] [--write_filtered=clean.jsonl]
+      [--fields=question=query,...] [--report=overlap.json] [--write_filtered=clean.jsonl]
+
+Records are read as training reads them: --format, --fields, --thinking_open,
+--thinking_close, --system_prompt and --s1k_variant are the run's data.* keys of those names.
 
 It prints, per evaluation set, the contaminated evaluation items and the flagged training
 records, then the first matches as file:line. The exit status is 0 whatever it finds, so that
@@ -19,6 +22,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from tools import format_flags  # noqa: E402
 from jaxdistill.data import contamination, formats  # noqa: E402
 from jaxdistill.eval import tasks  # noqa: E402
 
@@ -31,6 +35,7 @@ flags.DEFINE_integer("ngram", contamination.DEFAULT_NGRAM, "n-gram length in nor
 flags.DEFINE_float("threshold", contamination.DEFAULT_THRESHOLD,
                    "Smallest share of an eval problem's n-grams that counts as a match.")
 flags.DEFINE_enum("format", "auto", ["auto", *formats.FORMATS], "Trace format of the records.")
+format_flags.define()
 flags.DEFINE_string("report", None, "Write the full report (every match and skip) as JSON here.")
 flags.DEFINE_string("write_filtered", None,
                     "Write the records that were checked and found clean here, as JSONL.")
@@ -52,7 +57,7 @@ def main(argv):
   try:
     index = contamination.ContaminationIndex.from_tasks(
         FLAGS.eval, ngram=FLAGS.ngram, threshold=FLAGS.threshold)
-    report = contamination.check_sources(FLAGS.train, index, FLAGS.format)
+    report = contamination.check_sources(FLAGS.train, index, FLAGS.format, format_flags.spec())
   except (FileNotFoundError, ValueError) as e:  # missing paths, unsupported files, bad numbers
     raise app.UsageError(str(e))
 

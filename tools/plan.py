@@ -23,8 +23,6 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import dataclasses  # noqa: E402
-
 from jaxdistill import hardware, memory, settings as settings_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config (configs/<name>.py).",
@@ -38,56 +36,6 @@ _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 256, "Evaluation prompt bucket 
                                    "above the longest prompt; AIME prompts are ~100-250 tokens).")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the report.")
 flags.mark_flags_as_required(["config", "topology"])
-
-
-def plan(c, topo: hardware.Topology, margin: float, suggestions: int, prompt_len: int) -> dict:
-  """Estimates, verdicts and suggestions for run config `c` on `topo`, as a JSON-able dict."""
-  s = settings_lib.parse(c)
-  cfg = s.model.preset_config()
-  mesh = memory.resolve_mesh(s.mesh_shape, topo.devices)
-  problems = []
-  try:  # the training checks, whatever the config's mode
-    settings_lib.check_run(dataclasses.replace(s, mode="train"), cfg, mesh)
-  except settings_lib.ConfigError as e:
-    problems = e.problems
-  shape = memory.TrainShape(global_batch_size=s.train.global_batch_size,
-                            seq_len=s.data.seq_len, micro_batches=s.train.micro_batches,
-                            loss_chunk=s.train.loss_chunk)
-  train = memory.estimate_train(cfg, shape, mesh, topo.chip.platform)
-  # What the trainer refuses beyond what the estimator checks (and its suggestions avoid).
-  other_problems = [p for p in problems if p not in train.problems]
-  train.problems = list(dict.fromkeys(problems + train.problems))
-  e = s.eval
-  eval_shape = memory.EvalShape(batch_size=e.batch_size, num_samples=e.num_samples,
-                                samples_at_once=e.samples_at_once,
-                                max_new_tokens=e.max_new_tokens, prompt_len=prompt_len,
-                                compute_dtype=e.compute_dtype, cache_dtype=e.cache_dtype)
-  evaluation = memory.estimate_eval(cfg.replace(compute_dtype=e.compute_dtype), eval_shape,
-                                    mesh)
-  budget = int(topo.chip.hbm_bytes * (1 - margin))
-  out = {
-      "model": {"preset": s.model.preset, "params": cfg.num_params(),
-                "param_dtype": cfg.param_dtype, "compute_dtype": cfg.compute_dtype,
-                "remat": cfg.remat, "attention": cfg.attention},
-      "topology": {"name": topo.name, "devices": topo.devices, "chip": topo.chip.name,
-                   "hbm_bytes": topo.chip.hbm_bytes, "peak_bf16_flops": topo.chip.peak_flops},
-      "mesh": dict(zip(("data", "fsdp", "context", "tp"), mesh)),
-      "budget_bytes": budget, "margin": margin,
-      "train": dict(train.to_dict(), fits=train.fits(topo.chip.hbm_bytes, margin),
-                    suggestions=[], unaddressed=other_problems),
-      "eval": dict(evaluation.to_dict(), fits=evaluation.fits(topo.chip.hbm_bytes, margin),
-                   suggestions=[]),
-  }
-  if not out["train"]["fits"]:
-    out["train"]["suggestions"] = [
-        {"flags": g.flags(), "peak": g.estimate.peak, "cost": round(g.cost, 3)}
-        for g in memory.suggest(cfg, shape, mesh, topo.chip, margin, suggestions)]
-  if not out["eval"]["fits"]:
-    out["eval"]["suggestions"] = [
-        {"flags": g.flags(), "peak": g.estimate.peak, "cost": round(g.cost, 3)}
-        for g in memory.suggest_eval(cfg.replace(compute_dtype=e.compute_dtype),
-                                     eval_shape, mesh, topo.chip, margin, 3)]
-  return out
 
 
 def _gib(n: int) -> str:
@@ -134,8 +82,8 @@ def report(p: dict) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  p = plan(_CONFIG.value, hardware.topology(_TOPOLOGY.value), _MARGIN.value, _SUGGESTIONS.value,
-           _PROMPT_LEN.value)
+  p = memory.plan(settings_lib.parse(_CONFIG.value), hardware.topology(_TOPOLOGY.value),
+                  _MARGIN.value, _SUGGESTIONS.value, _PROMPT_LEN.value)
   print(json.dumps(p, indent=1) if _JSON.value else report(p))
 
 

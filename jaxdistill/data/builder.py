@@ -24,6 +24,7 @@ class DataSettings:
   """The `data` section of a run config, typed (defaults: configs/base.py)."""
   sources: str  # comma-separated paths/globs, "path@weight" for a mixture, or tfds:NAME
   format: str  # formats.py: "auto" | "messages" | "sharegpt" | ...
+  format_spec: formats.FormatSpec  # field names, thinking wrapper, system prompt, s1K variant
   tokenizer: str  # HF tokenizer directory or SentencePiece .model
   chat_template: str
   seq_len: int
@@ -121,8 +122,12 @@ def _data_config(d: DataSettings, srcs, *, global_batch_size: int, seed: int, nu
       prefetch_batches=d.prefetch)
 
 
-def _fingerprint(cfg: pipeline.DataConfig, renderer: chat.ChatRenderer) -> str:
+def _fingerprint(cfg: pipeline.DataConfig, renderer: chat.ChatRenderer, d: DataSettings) -> str:
   h = hashlib.sha256(json.dumps(cfg.stream_identity(), sort_keys=True).encode())
+  # How records are read changes the examples as much as the files do (hashed only when not
+  # the defaults, so that workdirs from before these settings keep their data plan).
+  if (d.format, d.format_spec) != ("auto", formats.DEFAULT_SPEC):
+    h.update(json.dumps([d.format, dataclasses.asdict(d.format_spec)], sort_keys=True).encode())
   for s in cfg.sources:
     for path in _local_files(s.path):
       st = os.stat(path)
@@ -142,8 +147,8 @@ def _local_files(spec: str) -> list[str]:
   return []
 
 
-def _planned_steps(cfg, fn, renderer, workdir: str | None) -> int:
-  key = f"{_fingerprint(cfg, renderer)}:{jax.process_count()}"
+def _planned_steps(cfg, fn, renderer, d: DataSettings, workdir: str | None) -> int:
+  key = f"{_fingerprint(cfg, renderer, d)}:{jax.process_count()}"
   path = os.path.join(workdir, "data_plan.json") if workdir else None
   if path and os.path.exists(path):
     with open(path) as f:
@@ -183,7 +188,7 @@ def build_training_data(d: DataSettings, *, global_batch_size: int, num_steps: i
                      "a SentencePiece .model) or init.hf_dir")
   tokenizer = chat.load_tokenizer(d.tokenizer)
   renderer = chat.ChatRenderer(tokenizer, d.chat_template)
-  fn = example_fn(renderer, d.format, formats.FormatSpec())
+  fn = example_fn(renderer, d.format, d.format_spec)
   srcs = parse_sources(d.sources)
   val_srcs = parse_sources(d.validation_sources) if d.validation_sources else ()
   check_prepared([s.path for s in srcs + val_srcs], renderer)
@@ -192,11 +197,11 @@ def build_training_data(d: DataSettings, *, global_batch_size: int, num_steps: i
     cfg = _data_config(d, srcs, num_epochs=None, **common)
   else:
     cfg = _data_config(d, srcs, num_epochs=int(d.num_epochs), **common)
-    num_steps = _planned_steps(cfg, fn, renderer, workdir)
+    num_steps = _planned_steps(cfg, fn, renderer, d, workdir)
   validation = None
   if val_srcs:
     val_cfg = _data_config(d, val_srcs, num_epochs=1, shuffle=False, **common)
     validation = lambda: pipeline.DataIterator(val_cfg, fn)  # noqa: E731
   return TrainingData(train=pipeline.DataIterator(cfg, fn), num_steps=num_steps,
                       validation=validation, renderer=renderer,
-                      fingerprint=_fingerprint(cfg, renderer))
+                      fingerprint=_fingerprint(cfg, renderer, d))

@@ -18,7 +18,8 @@ Auto-detection looks at the fields in this order, so that records carrying sever
   4. `messages`                                       -> messages
   5. `solution` with `question` or `problem`          -> problem_solution
 Field names are looked up through `FormatSpec.field_map`, so detection works on renamed
-columns too.
+columns too. `parse_spec` makes a FormatSpec from the strings of a run's `data.*` keys or of
+the tools' flags, so a dataset with its own field names needs no code.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ _S1K_FIELDS = {
     "original": ("thinking_trajectories", "attempt"),
     "gemini": ("gemini_thinking_trajectory", "gemini_attempt"),
 }
+
+# Names a `FormatSpec.field_map` may rename: record fields, then message keys.
+CANONICAL_FIELDS = ("messages", "conversations", "system", "question", "problem", "solution",
+                    "generations", "correctness_math_verify",
+                    *(name for pair in _S1K_FIELDS.values() for name in pair),
+                    "role", "content", "from", "value")
 
 Message = dict[str, str]
 Conversation = list[Message]
@@ -72,16 +79,23 @@ class FormatSpec:
       (s1K-1.1), "gemini" (s1K-1.1's other pair), "original" (s1K 1.0's
       `thinking_trajectories` / `attempt`), or "auto": deepseek when the record has it,
       else original, else gemini.
+
+  No field has a default: a run's come from configs/base.py (`data.*`), the tools' from
+  their flags, and library callers start from `DEFAULT_SPEC` (`dataclasses.replace`).
   """
-  field_map: Mapping[str, str] = dataclasses.field(default_factory=dict)
-  thinking_open: str = "<think>\n"
-  thinking_close: str = "\n</think>\n\n"
-  system_prompt: str | None = None
-  s1k_variant: str = "auto"
+  field_map: Mapping[str, str]
+  thinking_open: str
+  thinking_close: str
+  system_prompt: str | None
+  s1k_variant: str
 
   def __post_init__(self):
     if self.s1k_variant not in S1K_VARIANTS:
       raise ValueError(f"s1k_variant must be one of {S1K_VARIANTS}, got {self.s1k_variant!r}")
+    unknown = [k for k in self.field_map if k not in CANONICAL_FIELDS]
+    if unknown:
+      raise ValueError(f"field_map renames unknown fields {unknown}; the canonical names are "
+                       f"{', '.join(CANONICAL_FIELDS)}")
     # A private copy, so that mutating the caller's dict later cannot change this spec.
     object.__setattr__(self, "field_map", dict(self.field_map))
 
@@ -90,7 +104,53 @@ class FormatSpec:
     return self.field_map.get(canonical, canonical)
 
 
-DEFAULT_SPEC = FormatSpec()
+# The R1 / QwQ layout, the same values as configs/base.py's data.* keys (tests check).
+DEFAULT_SPEC = FormatSpec(field_map={}, thinking_open="<think>\n",
+                          thinking_close="\n</think>\n\n", system_prompt=None,
+                          s1k_variant="auto")
+
+
+def parse_spec(fields: str, thinking_open: str, thinking_close: str, system_prompt: str,
+               s1k_variant: str, *, prefix: str = "") -> FormatSpec:
+  """The FormatSpec that a run's `data.*` keys or a tool's flags describe, checked.
+
+  Args:
+    fields: "canonical=theirs,...", e.g. "question=query,attempt=final"; "" renames nothing.
+    thinking_open, thinking_close, s1k_variant: as in `FormatSpec`, verbatim.
+    system_prompt: "" for none.
+    prefix: what the settings are called in error messages: "data." (config keys) or "--".
+
+  Raises:
+    ValueError: naming each setting that is wrong and what to write instead.
+  """
+  problems, field_map, unknown, swapped = [], {}, [], []
+  for entry in (e.strip() for e in fields.split(",") if e.strip()):
+    canonical, eq, theirs = (x.strip() for x in entry.partition("="))
+    if not eq or not canonical or not theirs:
+      problems.append(f"{prefix}fields: {entry!r} is not canonical=theirs (write e.g. "
+                      f"{prefix}fields=question=query,solution=final)")
+    elif canonical not in CANONICAL_FIELDS:
+      unknown.append(canonical)
+      if theirs in CANONICAL_FIELDS:
+        swapped.append(f"{theirs}={canonical}")
+    elif canonical in field_map:
+      problems.append(f"{prefix}fields: {canonical!r} is renamed twice ({field_map[canonical]!r}"
+                      f" and {theirs!r}); keep one")
+    else:
+      field_map[canonical] = theirs
+  if unknown:
+    hint = f" (the canonical name comes first: {','.join(swapped)}?)" if swapped else ""
+    problems.append(f"{prefix}fields: unknown canonical field {', '.join(map(repr, unknown))}"
+                    f"{hint}; the canonical names are {', '.join(CANONICAL_FIELDS)}")
+  if s1k_variant not in S1K_VARIANTS:
+    problems.append(f"{prefix}s1k_variant={s1k_variant!r} is not one of {S1K_VARIANTS}")
+  if system_prompt and not system_prompt.strip():
+    problems.append(f"{prefix}system_prompt is blank; set it to \"\" for no system prompt")
+  if problems:
+    raise ValueError("; ".join(problems))
+  return FormatSpec(field_map=field_map, thinking_open=thinking_open,
+                    thinking_close=thinking_close, system_prompt=system_prompt or None,
+                    s1k_variant=s1k_variant)
 
 
 def detect_format(record: Mapping[str, Any], spec: FormatSpec = DEFAULT_SPEC) -> str:

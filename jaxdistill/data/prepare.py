@@ -417,11 +417,11 @@ def prepare(cfg: PrepareConfig, renderer: chat.ChatRenderer,
     The stats written to stats.json: the `Tally` counts (records, examples, kept, truncated,
     dropped by reason, tokens, scored_tokens, bad_records {count of records, first
     [{location, reason}]}, length_histogram {rendered, kept}), plus "format", "content"
-    ("examples" or "packed_rows"), "seq_len", "overlong", "trace_format", "tokenizer" (path,
-    vocab size, template, turn-end token and hashes: `ChatRenderer.identity`), "inputs"
-    (fingerprints), "renderer" (fallback
-    counts), "shards" ([{"file", "records"}]), and with `pack`, "rows", "pack_bins" and
-    "fill" (the share of row slots holding tokens). Nothing in it depends on the workers.
+    ("examples" or "packed_rows"), "seq_len", "overlong", "trace_format", "trace_spec"
+    (`spec` as a dict), "tokenizer" (path, vocab size, template, turn-end token and hashes:
+    `ChatRenderer.identity`), "inputs" (fingerprints), "renderer" (fallback counts),
+    "shards" ([{"file", "records"}]), and with `pack`, "rows", "pack_bins" and "fill" (the
+    share of row slots holding tokens). Nothing in it depends on the workers.
 
   Raises:
     pipeline.BadRecordError: in strict mode, at the first bad record in input order; no
@@ -455,7 +455,7 @@ def prepare(cfg: PrepareConfig, renderer: chat.ChatRenderer,
       output.abort()
       raise
   meter.update(tally.records, tally.tokens, final=True)
-  stats = _stats(cfg, renderer, tally, fingerprints.result(), renderer_counts, shards,
+  stats = _stats(cfg, renderer, spec, tally, fingerprints.result(), renderer_counts, shards,
                  output.rows)
   tmp = os.path.join(cfg.output, STATS_FILE + ".tmp")
   with open(tmp, "w", encoding="utf-8") as f:
@@ -512,10 +512,11 @@ class _Output:
     self.shards.abort()
 
 
-def _stats(cfg: PrepareConfig, renderer: chat.ChatRenderer, tally: Tally, fingerprints,
-           renderer_counts, shards, rows: int) -> dict[str, Any]:
+def _stats(cfg: PrepareConfig, renderer: chat.ChatRenderer, spec: formats.FormatSpec,
+           tally: Tally, fingerprints, renderer_counts, shards, rows: int) -> dict[str, Any]:
   stats = {"format": STATS_FORMAT, "content": "packed_rows" if cfg.pack else "examples",
            "seq_len": cfg.seq_len, "overlong": cfg.overlong, "trace_format": cfg.format,
+           "trace_spec": dataclasses.asdict(spec),
            "tokenizer": renderer.identity(),
            "inputs": fingerprints, **tally.to_dict(),
            "renderer": {k: renderer_counts[k]

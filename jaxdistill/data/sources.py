@@ -286,8 +286,13 @@ def write_array_record(path: str, records) -> int:
 
 
 class TfdsSource:
-  """A TFDS dataset through `tfds.data_source` (ArrayRecord-backed, random access). Byte
-  strings are decoded as UTF-8 so records look like the JSON ones."""
+  """A TFDS dataset through `tfds.data_source` (ArrayRecord-backed, random access; no
+  TensorFlow needed). Byte strings are decoded as UTF-8 and sequences of dicts (which TFDS
+  reads as dicts of lists) regrouped, so records look like the JSON ones:
+  `tfds_traces.write_dataset`'s `messages` read back as `[{role, content}, ...]`.
+
+  `data_dir` defaults to $TFDS_DATA_DIR as set when the source opens, else TFDS's default.
+  """
 
   def __init__(self, name: str, split: str = "train", data_dir: str | None = None):
     try:
@@ -296,7 +301,10 @@ class TfdsSource:
       raise ImportError(f"reading 'tfds:{name}' needs TensorFlow Datasets: "
                         "pip install 'jaxdistill[tfds]'") from e
     self.name, self.split = name, split
-    self._source = tfds.data_source(name, split=split, data_dir=data_dir)
+    self._source = tfds.data_source(name, split=split,
+                                    data_dir=data_dir or os.environ.get("TFDS_DATA_DIR"))
+    info = getattr(self._source, "dataset_info", None)
+    self._layout = _layout(info.features) if info is not None else None
 
   def __len__(self) -> int:
     return len(self._source)
@@ -304,7 +312,7 @@ class TfdsSource:
   def __getitem__(self, index: int) -> Item:
     location = f"tfds:{self.name}@{self.split}:{index}"
     try:
-      return Item(_plain(self._source[index]), location)
+      return Item(_plain(self._source[index], self._layout), location)
     except UnicodeDecodeError as e:
       return Item(None, location, f"invalid UTF-8 in a string feature at byte {e.start}")
 
@@ -312,10 +320,26 @@ class TfdsSource:
     return f"TfdsSource({self.name}@{self.split}, {len(self)} records)"
 
 
-def _plain(x):
-  """TFDS features -> JSON-like Python values (bytes -> str, arrays -> lists)."""
+def _layout(feature):
+  """Where a TFDS feature holds sequences of dicts: None (nowhere), ("rows", layout of the
+  dict) for such a sequence, or {key: layout} for a dict with one inside."""
+  inner = getattr(feature, "feature", None)  # tfds.features.Sequence
+  if inner is not None and hasattr(inner, "keys"):
+    return ("rows", _layout(inner))
+  if hasattr(feature, "keys"):  # tfds.features.FeaturesDict
+    inside = {k: _layout(feature[k]) for k in feature.keys()}
+    return {k: v for k, v in inside.items() if v is not None} or None
+  return None
+
+
+def _plain(x, layout=None):
+  """TFDS features -> JSON-like Python values (bytes -> str, arrays -> lists, and the
+  sequences of dicts that `layout` marks from a dict of lists back to a list of dicts)."""
+  if isinstance(layout, tuple) and isinstance(x, dict):
+    rows = zip(*x.values())
+    return [_plain(dict(zip(x, row)), layout[1]) for row in rows]
   if isinstance(x, dict):
-    return {k: _plain(v) for k, v in x.items()}
+    return {k: _plain(v, (layout or {}).get(k)) for k, v in x.items()}
   if isinstance(x, bytes):
     return x.decode("utf-8")
   if isinstance(x, np.ndarray):
