@@ -292,3 +292,16 @@ def test_make_global_batch_shards_rows_over_data_axes():
     np.testing.assert_array_equal(np.asarray(v), batch[k])
   with pytest.raises(ValueError, match="not divisible by the data-parallel size"):
     pipeline.make_global_batch({k: v[:6] for k, v in batch.items()}, mesh)
+
+
+def test_a_repeating_stream_that_drops_everything_stops_with_what_to_change(data, monkeypatch):
+  """Every example longer than seq_len, epochs unbounded (train.num_steps set): the packer
+  stops after BARREN_LIMIT records in a row with nothing kept, saying why, rather than spin."""
+  monkeypatch.setattr(packing, "BARREN_LIMIT", 150)
+  with pytest.raises(ValueError, match=r"the last 150 records read gave no example to pack "
+                     r"into rows of 4 tokens \(dropped so far: \{'too_long': 150\}\).*"
+                     r"raise data.seq_len or set data.overlong='truncate'"):
+    _batches(_config(data, seq_len=4, num_epochs=None), n=1)
+  # One example that fits among them resets the count: the stream is thin, not barren.
+  batches, _ = _batches(_config(data, seq_len=30, num_epochs=None), n=3)
+  assert len(batches) == 3

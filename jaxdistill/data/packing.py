@@ -36,6 +36,10 @@ import numpy as np
 ROW_KEYS = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
 PACKING_MODES = ("pack", "pad")
 OVERLONG_POLICIES = ("drop", "truncate")
+# Elements read in a row without one example to pack before the packer gives up: a stream
+# that repeats forever and drops everything (every example longer than seq_len) would
+# otherwise spin without a word.
+BARREN_LIMIT = 10_000
 
 # Outcomes of `fit_length`: the first two keep the example, the rest drop it.
 KEPT, TRUNCATED = "kept", "truncated"
@@ -247,6 +251,7 @@ class _PackIterator(ReaderIterator):
     self._counts = copy.deepcopy(ds.initial_stats)
     self._reader = None
     self._exhausted = False
+    self._barren = 0  # elements read since the last one that gave an example
 
   def __next__(self) -> dict[str, np.ndarray]:
     while not self._ready:
@@ -275,6 +280,14 @@ class _PackIterator(ReaderIterator):
     self._next_index += 1
     if self._ds.on_element is not None:
       self._ds.on_element(element, self._counts)
+    self._barren = 0 if element["examples"] else self._barren + 1
+    if self._barren >= BARREN_LIMIT:
+      dropped = {k: v for k, v in self._counts.get("dropped", {}).items() if v}
+      raise ValueError(
+          f"the last {self._barren:,} records read gave no example to pack into rows of "
+          f"{self._ds.seq_len} tokens (dropped so far: {dropped or 'none counted'}). If they "
+          "are dropped as too long, raise data.seq_len or set data.overlong='truncate'; "
+          "tools/prepare_traces.py reports the length distribution")
     for j, (tokens, mask) in enumerate(element["examples"]):
       self._arrays[(i, j)] = (tokens, mask)
       self._counts["kept"] += 1
