@@ -3,15 +3,14 @@
 Layout (shared with the trainer, which adds its own items beside these):
   <root>/<step>/params        the parameter tree (nnx pure dict), restorable on any mesh
   <root>/<step>/model_config  ModelConfig as JSON
-A training workdir keeps its root at `<workdir>/checkpoints`.
+A training workdir keeps its root at `<workdir>/checkpoints`. Any of these may be a gs://
+URL (Orbax writes through epath and tensorstore; `storage` for the rest).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 
 import jax
@@ -19,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from jaxdistill import storage
 from jaxdistill.model import Transformer, abstract_model
 from jaxdistill.model_config import ModelConfig
 from jaxdistill.sharding import param_shardings
@@ -32,19 +32,19 @@ RUN_CONFIG = "run_config"
 
 def checkpoint_root(path: str) -> str:
   """The CheckpointManager root for a workdir, a root, or a step directory."""
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    return os.path.join(path, "checkpoints")
-  if os.path.isdir(os.path.join(path, PARAMS)):  # a step directory
-    return os.path.dirname(path)
+  path = storage.absolute(path)
+  if storage.isdir(storage.join(path, "checkpoints")):
+    return storage.join(path, "checkpoints")
+  if storage.isdir(storage.join(path, PARAMS)):  # a step directory
+    return storage.dirname(path)
   return path
 
 
 def _step_of(path: str) -> int | None:
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, PARAMS)):
+  path = storage.absolute(path)
+  if storage.isdir(storage.join(path, PARAMS)):
     try:
-      return int(os.path.basename(path))
+      return int(storage.basename(path))
     except ValueError:
       return None
   return None
@@ -52,13 +52,13 @@ def _step_of(path: str) -> int | None:
 
 def save_model(directory: str, model: Transformer, step: int = 0) -> str:
   """Saves parameters and config as checkpoint `step` under `directory` (a root)."""
-  with ocp.CheckpointManager(os.path.abspath(directory)) as mngr:
+  with ocp.CheckpointManager(storage.absolute(directory)) as mngr:
     mngr.save(step, args=ocp.args.Composite(**{
         PARAMS: ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(model, nnx.Param))),
         MODEL_CONFIG: ocp.args.JsonSave(model.config.to_dict()),
     }))
     mngr.wait_until_finished()
-  return os.path.join(os.path.abspath(directory), str(step))
+  return storage.join(storage.absolute(directory), str(step))
 
 
 def _pick_step(mngr, root: str, step: int | None) -> int:
@@ -76,7 +76,7 @@ def load_model_config(path: str, step: int | None = None) -> tuple[ModelConfig, 
   """(ModelConfig, step) stored with a checkpoint; `path` as in `load_model`."""
   root = checkpoint_root(path)
   step = step if step is not None else _step_of(path)
-  if not os.path.isdir(root):
+  if not storage.isdir(root):
     raise FileNotFoundError(f"no checkpoint directory at {root}")
   with ocp.CheckpointManager(root) as mngr:
     step = _pick_step(mngr, root, step)
@@ -87,7 +87,7 @@ def load_model_config(path: str, step: int | None = None) -> tuple[ModelConfig, 
 def load_run_config(path: str, step: int) -> dict:
   """The run config a training checkpoint recorded (`{}` for a model-only checkpoint)."""
   root = checkpoint_root(path)
-  if not os.path.exists(os.path.join(root, str(step), RUN_CONFIG)):
+  if not storage.exists(storage.join(root, str(step), RUN_CONFIG)):
     return {}
   with ocp.CheckpointManager(root) as mngr:
     got = mngr.restore(step, args=ocp.args.Composite(**{RUN_CONFIG: ocp.args.JsonRestore()}))
@@ -156,7 +156,7 @@ class TrainCheckpointer:
   """
 
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
-    self.root = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.root = storage.join(storage.absolute(workdir), "checkpoints")
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.root, options=options)
@@ -212,10 +212,10 @@ class TrainCheckpointer:
       return
     if jax.process_index() == 0:
       aside = self.root + ".unreadable"
-      os.makedirs(aside, exist_ok=True)
+      storage.makedirs(aside)
       for step in steps:
-        shutil.move(os.path.join(self.root, str(step)),
-                    os.path.join(aside, f"{step}-{int(time.time())}"))
+        storage.move(storage.join(self.root, str(step)),
+                     storage.join(aside, f"{step}-{int(time.time())}"))
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices("jaxdistill_set_aside_checkpoints")

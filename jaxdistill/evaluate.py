@@ -7,7 +7,7 @@ For each task, `<out_dir>/<task>/` receives `prompts.jsonl`, `generations.jsonl`
 `<out_dir>/report.md` has one table for all tasks (runs use `workdir/eval`), every accuracy
 with its standard error over problems (metrics.py). Generations are appended as batches finish
 and a rerun continues from them, so a preempted evaluation loses at most one batch and ends
-with the same summary.
+with the same summary. `out_dir` may be a gs:// URL (`storage`).
 
 Budget forcing (s1; rules.BudgetForcing, the counting documented there): `max_thinking_tokens`,
 `min_thinking_tokens` and `max_waits` apply to the main samples and the greedy ones. For each
@@ -21,12 +21,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 
 import jax
 
-from jaxdistill import generate
+from jaxdistill import generate, storage
 from jaxdistill.data import chat
 from jaxdistill.eval import grade as grade_lib, metrics, tasks
 from jaxdistill.rules import Greedy, rule_from
@@ -123,7 +122,7 @@ def bundled_task(name: str) -> Task:
 
 def write_prompts(task: Task, cfg: EvalConfig, path: str) -> list[dict]:
   out = prompt_rows(task, cfg)
-  with open(path, "w", encoding="utf-8") as f:
+  with storage.atomic_write(path, "w", encoding="utf-8") as f:
     for row in out:
       f.write(json.dumps(row, ensure_ascii=False) + "\n")
   return out
@@ -162,7 +161,7 @@ def grade_file(path: str, kind: str, checker, graded_path: str | None = None
   `graded_path`, one line per problem is written there: id, and per sample `correct`,
   `reason` and `vote_key` (the answer as voted on)."""
   problems, tokens, rows = [], [], []
-  with open(path, encoding="utf-8") as f:
+  with storage.open(path, encoding="utf-8") as f:
     for line in f:
       row = json.loads(line)
       samples = [(r, row["answer"], fr) for r, fr in zip(row["response"], row["finish_reason"])]
@@ -170,13 +169,12 @@ def grade_file(path: str, kind: str, checker, graded_path: str | None = None
       tokens.append([len(t) for t in row["completion_token_ids"]])
       rows.append(row)
   if graded_path:
-    with open(graded_path + ".tmp", "w", encoding="utf-8") as f:
+    with storage.atomic_write(graded_path, "w", encoding="utf-8") as f:
       for row, verdicts in zip(rows, problems):
         f.write(json.dumps({"id": row["id"], "correct": [v.correct for v in verdicts],
                             "reason": [v.reason for v in verdicts],
                             "vote_key": [v.vote_key for v in verdicts]},
                            ensure_ascii=False) + "\n")
-    os.replace(graded_path + ".tmp", graded_path)
   return problems, tokens, rows
 
 
@@ -208,29 +206,29 @@ def evaluate(sampler: Sampler, renderer: chat.ChatRenderer, cfg: EvalConfig, out
   summaries = {}
   try:
     for task in task_list:
-      task_dir = os.path.join(out_dir, task.name)
-      prompts = os.path.join(task_dir, "prompts.jsonl")
+      task_dir = storage.join(out_dir, task.name)
+      prompts = storage.join(task_dir, "prompts.jsonl")
       if writer:
-        os.makedirs(task_dir, exist_ok=True)
+        storage.makedirs(task_dir)
         write_prompts(task, cfg, prompts)
       _barrier(f"prompts of {task.name}")
       log(f"{task.name}: sampling {cfg.num_samples} per problem (temperature "
           f"{cfg.temperature}, top-p {cfg.top_p}, up to {cfg.max_new_tokens} tokens)")
-      generations = os.path.join(task_dir, "generations.jsonl")
+      generations = storage.join(task_dir, "generations.jsonl")
       new = generate.generate_file(
           sampler, renderer, prompts, generations, sampled, num_samples=cfg.num_samples,
           seed=cfg.seed, batch_size=cfg.batch_size, samples_at_once=cfg.samples_at_once,
           provenance=provenance, restart=cfg.restart, log=log)
-      greedy_path = os.path.join(task_dir, "greedy.jsonl")
+      greedy_path = storage.join(task_dir, "greedy.jsonl")
       if cfg.greedy:
         new += generate.generate_file(sampler, renderer, prompts, greedy_path, greedy,
                                       batch_size=cfg.batch_size, provenance=provenance,
                                       restart=cfg.restart, log=log)
-      budget_paths = {b: os.path.join(task_dir, f"budget_{b}", "generations.jsonl")
+      budget_paths = {b: storage.join(task_dir, f"budget_{b}", "generations.jsonl")
                       for b in cfg.thinking_budgets}
       for b, path in budget_paths.items():
         if writer:
-          os.makedirs(os.path.dirname(path), exist_ok=True)
+          storage.makedirs(storage.dirname(path))
         log(f"{task.name}: sampling again at a thinking budget of {b} tokens")
         new += generate.generate_file(
             sampler, renderer, prompts, path, at_budget[b], num_samples=cfg.num_samples,
@@ -238,9 +236,9 @@ def evaluate(sampler: Sampler, renderer: chat.ChatRenderer, cfg: EvalConfig, out
             provenance=provenance, restart=cfg.restart, log=log)
       if not writer:
         continue
-      summary_path = os.path.join(task_dir, "summary.json")
-      if not new and os.path.exists(summary_path):
-        with open(summary_path) as f:
+      summary_path = storage.join(task_dir, "summary.json")
+      if not new and storage.exists(summary_path):
+        with storage.open(summary_path) as f:
           earlier = json.load(f)
         if [p["budget"] for p in earlier.get("thinking_budgets", [])] == list(budget_paths):
           summaries[task.name] = earlier
@@ -249,9 +247,9 @@ def evaluate(sampler: Sampler, renderer: chat.ChatRenderer, cfg: EvalConfig, out
       greedy_verdicts = None
       if cfg.greedy:
         greedy_verdicts = [vs[0] for vs in grade_file(
-            greedy_path, task.kind, checker, os.path.join(task_dir, "greedy_graded.jsonl"))[0]]
+            greedy_path, task.kind, checker, storage.join(task_dir, "greedy_graded.jsonl"))[0]]
       problems, tokens, rows = grade_file(generations, task.kind, checker,
-                                          os.path.join(task_dir, "graded.jsonl"))
+                                          storage.join(task_dir, "graded.jsonl"))
       summary = metrics.summarize(problems, tokens=tokens, greedy=greedy_verdicts,
                                   thinking=_thinking(rows, think_end))
       if task.group_by:
@@ -268,7 +266,7 @@ def evaluate(sampler: Sampler, renderer: chat.ChatRenderer, cfg: EvalConfig, out
                      thinking_budgets=[_budget_point(b, path, task, checker, think_end)
                                        for b, path in budget_paths.items()])
       _write_json(summary, summary_path)
-      _plot_budget(summary, task.name, os.path.join(task_dir, "budget.png"))
+      _plot_budget(summary, task.name, storage.join(task_dir, "budget.png"))
       log(f"{task.name}: accuracy {summary['accuracy']:.3f} (avg@{cfg.num_samples}), greedy "
           f"{summary.get('greedy_accuracy')}, mean output tokens "
           f"{summary.get('mean_output_tokens', 0):.0f}")
@@ -277,7 +275,7 @@ def evaluate(sampler: Sampler, renderer: chat.ChatRenderer, cfg: EvalConfig, out
     if checker is not None:
       checker.close()
   if writer:
-    write_report(summaries, os.path.join(out_dir, "report.md"))
+    write_report(summaries, storage.join(out_dir, "report.md"))
   return summaries
 
 
@@ -294,19 +292,18 @@ def _budget_point(budget: int, path: str, task: Task, checker, think_end) -> dic
   """Grades the samples at one thinking budget (grades and a summary beside them) into the
   point the report's table and plot show."""
   problems, tokens, rows = grade_file(path, task.kind, checker,
-                                      os.path.join(os.path.dirname(path), "graded.jsonl"))
+                                      storage.join(storage.dirname(path), "graded.jsonl"))
   s = metrics.summarize(problems, tokens=tokens, thinking=_thinking(rows, think_end))
   _write_json(dict(s, task=task.name, thinking_budget=budget),
-              os.path.join(os.path.dirname(path), "summary.json"))
+              storage.join(storage.dirname(path), "summary.json"))
   return {"budget": budget, "avg@n": s["avg@n"], "stderr": s["stderr"]["avg@n"],
           "mean_thinking_tokens": s["mean_thinking_tokens"],
           "mean_output_tokens": s["mean_output_tokens"], "truncation_rate": s["truncation_rate"]}
 
 
 def _write_json(value: dict, path: str) -> None:
-  with open(path + ".tmp", "w") as f:
+  with storage.atomic_write(path) as f:
     json.dump(value, f, indent=2)
-  os.replace(path + ".tmp", path)
 
 
 def _barrier(name: str) -> None:
@@ -365,11 +362,11 @@ def write_report(summaries: dict, path: str) -> None:
                      f"{_pct(p['avg@n'], p['stderr'])} | "
                      f"{p['truncation_rate']:.1%} |")
     lines += ["", "![accuracy against thinking budget](thinking_budget.png)"]
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w") as f:
+  storage.makedirs(storage.dirname(path))
+  with storage.atomic_write(path) as f:
     f.write("\n".join(lines) + "\n")
   if with_budgets:
-    _plot_thinking_budgets(with_budgets, os.path.join(os.path.dirname(path),
+    _plot_thinking_budgets(with_budgets, storage.join(storage.dirname(path),
                                                       "thinking_budget.png"))
 
 
@@ -419,7 +416,8 @@ def _plot_thinking_budgets(summaries: dict, path: str) -> None:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  with storage.atomic_write(path, "wb") as f:
+    fig.savefig(f, format="png", dpi=120)
   plt.close(fig)
 
 
@@ -440,5 +438,6 @@ def _plot_budget(summary: dict, task: str, path: str) -> None:
   ax.set_ylabel(f"{task} maj@k accuracy (%)")
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  with storage.atomic_write(path, "wb") as f:
+    fig.savefig(f, format="png", dpi=120)
   plt.close(fig)

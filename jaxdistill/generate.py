@@ -5,7 +5,8 @@ on) or `{"messages": [...]}`, plus any other fields, which are copied to the out
 output line adds `response`, `completion_token_ids` and `finish_reason`, one entry per
 sample. Output lines are appended as blocks of prompts finish; a rerun keeps every complete
 line and continues at the first prompt not written, refusing outputs that other weights or
-settings produced (a provenance record sits beside each output).
+settings produced (a provenance record sits beside each output). Paths may be gs:// URLs
+(`storage`): there a block's lines are made durable by uploading the whole output again.
 """
 
 from __future__ import annotations
@@ -14,14 +15,13 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 
 import jax
 import numpy as np
 
-from jaxdistill import checkpoint, hf, rules
+from jaxdistill import checkpoint, hf, rules, storage
 from jaxdistill.data import chat
 from jaxdistill.model import Transformer
 from jaxdistill.sampler import Sampler, SamplingConfig
@@ -31,14 +31,14 @@ BLOCK_BATCHES = 4  # sampler batches of prompts per output block
 
 def load_model(init: str, mesh=None, **overrides) -> Transformer:
   """A Hugging Face directory (has config.json) or an Orbax checkpoint / training workdir."""
-  if os.path.exists(os.path.join(init, "config.json")):
+  if storage.exists(storage.join(init, "config.json")):
     return hf.load_hf_model(init, mesh, **overrides)
   return checkpoint.load_model(init, mesh, **overrides)
 
 
 def read_prompts(path: str) -> list[dict]:
   rows = []
-  with open(path, encoding="utf-8") as f:
+  with storage.open(path, encoding="utf-8") as f:
     for i, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -93,13 +93,13 @@ def count_done(output: str) -> int:
   """Complete lines already in `output`; a torn last line (an interrupted write) is cut off.
   Every complete line is kept: each prompt's samples come from its own random streams, so the
   rerun continues at the first prompt not written, as an uninterrupted run would have."""
-  if not os.path.exists(output):
+  if not storage.exists(output):
     return 0
-  with open(output, "rb") as f:
+  with storage.open(output, "rb") as f:
     data = f.read()
   complete = data[:data.rfind(b"\n") + 1]
   if len(complete) < len(data):
-    with open(output, "wb") as f:
+    with storage.atomic_write(output, "wb") as f:
       f.write(complete)
   return complete.count(b"\n")
 
@@ -126,14 +126,14 @@ def check_provenance(output: str, record: dict, *, restart: bool = False) -> Non
   record = json.loads(json.dumps(record, sort_keys=True, default=str))
   if restart:
     for p in (output, path):
-      if os.path.exists(p):
-        os.remove(p)
-  if os.path.exists(output) and os.path.getsize(output) > 0:
-    if not os.path.exists(path):
+      if storage.exists(p):
+        storage.remove(p)
+  if storage.exists(output) and storage.size(output) > 0:
+    if not storage.exists(path):
       raise ValueError(f"{output} holds samples but no record of what produced them ({path} "
                        "is missing); move it away, or restart (eval.restart=True, "
                        "tools/generate.py --restart) to sample it again")
-    with open(path, encoding="utf-8") as f:
+    with storage.open(path, encoding="utf-8") as f:
       old, new = _flat(json.load(f)), _flat(record)
     diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
              if old.get(k) != new.get(k)]
@@ -142,14 +142,13 @@ def check_provenance(output: str, record: dict, *, restart: bool = False) -> Non
           f"{output} was sampled with other settings than this run's: {'; '.join(diffs[:8])}"
           f"{' ...' if len(diffs) > 8 else ''}. Rerun with the same settings, or restart "
           "(eval.restart=True, tools/generate.py --restart) to sample it again")
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
+  with storage.atomic_write(path, "w", encoding="utf-8") as f:
     json.dump(record, f, indent=2, sort_keys=True)
-  os.replace(path + ".tmp", path)
 
 
 def file_sha256(path: str) -> str:
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with storage.open(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
       h.update(chunk)
   return h.hexdigest()
@@ -209,7 +208,7 @@ def generate_file(sampler: Sampler, renderer: chat.ChatRenderer, prompts_path: s
   block = batch_size * BLOCK_BATCHES
   start, tokens_out = time.perf_counter(), 0
   written = 0
-  with (open(output, "a", encoding="utf-8") if writer else contextlib.nullcontext()) as f:
+  with (storage.Appender(output) if writer else contextlib.nullcontext()) as f:
     for b in range(done, len(rows), block):
       batch = rows[b:b + block]
       ids = [prompt_tokens(r, renderer, use_chat_template) for r in batch]

@@ -5,6 +5,10 @@ memory maps and ml_dtypes (so bf16 needs no torch) and builds each parameter str
 the mesh with `jax.make_array_from_callback`: every device reads only its own slice, so a 72B
 checkpoint is never held whole in host memory. Export writes a directory that
 `transformers.AutoModelForCausalLM.from_pretrained` and vLLM load.
+
+Either directory may be a gs:// URL: an import copies the directory into the local cache
+first (`storage.local_dir`, once per host; memory maps need local files), an export is
+written locally and then uploaded.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from jaxdistill import storage
 from jaxdistill.data.chat import TURN_END_TOKENS
 from jaxdistill.model import Transformer, abstract_model, flat_params
 from jaxdistill.model_config import ModelConfig
@@ -263,17 +268,30 @@ def check_checkpoint(cfg: ModelConfig, reader: SafetensorsReader) -> None:
 
 # -- Import -----------------------------------------------------------------------------------
 
+def read_config(hf_dir: str) -> dict | str:
+  """What `ModelConfig.from_hf_config` reads for `hf_dir`: a local path as it is, the
+  `config.json` of a gs:// directory as a dict (without copying its weights)."""
+  if not storage.is_url(hf_dir):
+    return hf_dir
+  path = storage.join(hf_dir, "config.json")
+  if not storage.exists(path):
+    raise FileNotFoundError(f"No Hugging Face config at {path}")
+  with storage.open(path) as f:
+    return json.load(f)
+
+
 def load_hf_model(hf_dir: str, mesh=None, **config_overrides) -> Transformer:
   """Imports a Hugging Face directory as a Transformer, each parameter built on `mesh`.
 
   Args:
-    hf_dir: directory with `config.json` and `*.safetensors`.
+    hf_dir: directory with `config.json` and `*.safetensors` (gs://: copied locally first).
     mesh: a ("data", "fsdp", "context", "tp") mesh; None puts everything on the first device.
     **config_overrides: ModelConfig fields to replace after reading config.json, e.g.
       `param_dtype="bfloat16"`, `rope_theta=3e5`, `max_position_embeddings=32768`.
   Returns:
     The model, parameters cast to `param_dtype`.
   """
+  hf_dir = storage.local_dir(hf_dir)
   cfg = ModelConfig.from_hf_config(hf_dir, **config_overrides)
   reader = SafetensorsReader(hf_dir)
   check_checkpoint(cfg, reader)
@@ -318,7 +336,7 @@ def save_hf_model(model: Transformer, out_dir: str, *, dtype: str | None = None,
 
   Args:
     model: the model to export (parameters may be sharded, across processes too).
-    out_dir: destination; must not exist unless `overwrite`.
+    out_dir: destination (local or gs://); must not exist unless `overwrite`.
     dtype: "float32" or "bfloat16" for the stored tensors (default: the parameter dtype).
     tokenizer_dir: a Hugging Face tokenizer directory whose files (and chat template) are
       copied; its turn-end token joins the eos ids in `generation_config.json`.
@@ -329,8 +347,10 @@ def save_hf_model(model: Transformer, out_dir: str, *, dtype: str | None = None,
   cfg = model.config
   dtype = dtype or cfg.param_dtype
   np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
-  if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
+  if storage.exists(out_dir) and storage.listdir(out_dir) and not overwrite:
     raise FileExistsError(f"{out_dir} exists and is not empty; choose a new directory")
+  if tokenizer_dir is not None:
+    tokenizer_dir = storage.local_dir(tokenizer_dir, skip=storage.WEIGHT_SUFFIXES)
   params = flat_params(model)
   plan = []  # (hf name, nbytes, fetch)
   for rule in key_table(cfg):
@@ -352,7 +372,10 @@ def save_hf_model(model: Transformer, out_dir: str, *, dtype: str | None = None,
     return rule.to_hf(_to_host(x if i is None else x[i]))
 
   writer = jax.process_index() == 0
-  tmp = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(os.path.abspath(out_dir)))
+  remote = storage.is_url(out_dir)
+  # Written beside the destination and renamed into place; a gs:// export is uploaded whole.
+  tmp = tempfile.mkdtemp(prefix=".export-", dir=None if remote else
+                         os.path.dirname(os.path.abspath(out_dir)))
   try:
     weight_map, total = {}, 0
     for s, entries in enumerate(shards):
@@ -373,9 +396,12 @@ def save_hf_model(model: Transformer, out_dir: str, *, dtype: str | None = None,
         with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
           json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
       _write_configs(cfg, tmp, dtype, tokenizer_dir)
-      if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-      os.replace(tmp, out_dir)
+      if storage.exists(out_dir):
+        storage.rmtree(out_dir)
+      if remote:
+        storage.upload_dir(tmp, out_dir)
+      else:
+        os.replace(tmp, out_dir)
   finally:
     if os.path.exists(tmp):
       shutil.rmtree(tmp)

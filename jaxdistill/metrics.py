@@ -4,12 +4,13 @@ and the train loop's progress reporter."""
 from __future__ import annotations
 
 import json
-import os
+import shutil
+import tempfile
 import time
 
 import jax
 
-from jaxdistill import hardware
+from jaxdistill import hardware, storage
 from jaxdistill.model_config import ModelConfig
 
 
@@ -39,36 +40,52 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 class MetricWriter:
-  """Scalars to `workdir/metrics.jsonl` and TensorBoard event files; silent off process 0."""
+  """Scalars to `workdir/metrics.jsonl` and TensorBoard event files; silent off process 0.
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  Locally each row is flushed as it comes. A gs:// object cannot be appended to, so there
+  metrics.jsonl is uploaded whole at most every `remote_flush_seconds` and at `close`, and
+  TensorBoard writes into a local temporary directory whose files are uploaded to
+  `workdir/tensorboard/` at the same moments (one storage layer, one set of credentials).
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, remote_flush_seconds: float = 30.0):
     self.enabled = enabled
     self._file = None
     self._tb = None
+    self._tb_dir = storage.join(workdir, "tensorboard")
+    self._tb_local = None  # where TensorBoard writes when the workdir is remote
     if enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._file = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      storage.makedirs(workdir)
+      self._file = storage.Appender(storage.join(workdir, "metrics.jsonl"),
+                                    min_interval=remote_flush_seconds)
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
       except ImportError:
-        self._tb = None
+        return
+      if storage.is_url(workdir):
+        self._tb_local = tempfile.mkdtemp(prefix="jaxdistill-tensorboard-")
+      self._tb = SummaryWriter(self._tb_local or self._tb_dir)
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:
       return
     row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
     self._file.write(json.dumps(row) + "\n")
-    self._file.flush()
     if self._tb is not None:
       for k, v in scalars.items():
         self._tb.add_scalar(k, float(v), int(step))
+    if self._file.flush() and self._tb_local:
+      self._tb.flush()
+      storage.upload_dir(self._tb_local, self._tb_dir)
 
   def close(self) -> None:
-    if self._file is not None:
-      self._file.close()
     if self._tb is not None:
       self._tb.close()
+    if self._file is not None:
+      self._file.close()
+    if self._tb_local:
+      storage.upload_dir(self._tb_local, self._tb_dir)
+      shutil.rmtree(self._tb_local, ignore_errors=True)
 
 
 def format_duration(seconds: float) -> str:
@@ -83,7 +100,10 @@ class ProgressReporter:
   log on the logging cadence (every `log_every` steps, the first and the last).
 
   Timing covers the steps since the previous report, measured when a report is due; the
-  first step's time is mostly compilation, so it gets no rate or ETA.
+  first step's time is mostly compilation, so it gets no rate or ETA. Three token rates:
+  `tokens_per_s` counts every position of the padded rows (what the FLOPs and MFU count),
+  `real_tokens_per_s` those that hold text (not padding), `scored_tokens_per_s` those the loss
+  scores (assistant turns), from the step's `real_tokens` and `scored_tokens` when given.
   """
 
   def __init__(self, writer: MetricWriter, log, *, first_step: int, num_steps: int,
@@ -94,15 +114,21 @@ class ProgressReporter:
     self.tokens_per_step, self.flops_per_step = tokens_per_step, flops_per_step
     self.peak = peak_flops * jax.device_count() if peak_flops else None
     self._since, self._steps = clock(), 0
+    self._counted = {"real_tokens": 0.0, "scored_tokens": 0.0}
 
   def step_done(self, step: int, scalars: dict[str, float]) -> None:
     """Records one finished step; reports when the cadence says so."""
     self._steps += 1
+    for k in self._counted:
+      self._counted[k] += float(scalars.get(k, 0.0))
     if step % self.log_every and step not in (self.first_step, self.num_steps):
       return
     now = self.clock()
-    step_time = (now - self._since) / self._steps
+    elapsed, steps = now - self._since, self._steps
+    step_time = elapsed / steps
+    counted = self._counted
     self._since, self._steps = now, 0
+    self._counted = dict.fromkeys(counted, 0.0)
     head = (f"step {step}/{self.num_steps} | loss {scalars['loss']:.4f} | grad "
             f"{scalars['grad_norm']:.3f} | lr {scalars['lr']:.2e}")
     if step == self.first_step:
@@ -110,7 +136,13 @@ class ProgressReporter:
       self.log(f"{head} | first step with compilation {step_time:.1f}s")
       return
     row = dict(scalars, step_time=step_time, tokens_per_s=self.tokens_per_step / step_time)
-    line = f"{head} | {row['tokens_per_s']:,.0f} tok/s | {step_time * 1e3:.0f} ms/step"
+    line = f"{head} | {row['tokens_per_s']:,.0f} tok/s"
+    if "real_tokens" in scalars:
+      row["real_tokens_per_s"] = counted["real_tokens"] / elapsed
+      row["scored_tokens_per_s"] = counted["scored_tokens"] / elapsed
+      line += (f" ({row['real_tokens_per_s']:,.0f} not padding, "
+               f"{row['scored_tokens_per_s']:,.0f} scored)")
+    line += f" | {step_time * 1e3:.0f} ms/step"
     if self.peak:
       row["mfu"] = self.flops_per_step / step_time / self.peak
       line += f" | MFU {row['mfu']:.1%}"

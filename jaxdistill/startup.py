@@ -3,6 +3,9 @@ mesh, check the settings against model and mesh, load the starting model, write 
 
 The weight source, first that applies: resume from the workdir's own checkpoints >
 init.checkpoint > init.hf_dir > random init of model.preset.
+
+Any of the run's paths may be a gs:// URL (`jaxdistill.storage`); `check_storage` stops a run
+whose URLs cannot be used before anything is created or compiled.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import subprocess
 import jax
 
 from jaxdistill import checkpoint, hf, model as model_lib, settings as settings_lib, sharding
+from jaxdistill import storage
+from jaxdistill.data import builder, sources
 from jaxdistill.model import Transformer
 from jaxdistill.model_config import ModelConfig
 
@@ -78,14 +83,14 @@ class WeightSource:
       out.update(checkpoint=checkpoint.checkpoint_root(self.path), step=self.step)
     elif self.kind == "hf":
       files = {}
-      for name in sorted(os.listdir(self.path)):
+      for name in sorted(storage.listdir(self.path)):
         if name.endswith(".safetensors"):
-          path = os.path.join(self.path, name)
-          with open(path, "rb") as f:
+          path = storage.join(self.path, name)
+          with storage.open(path, "rb") as f:
             header = f.read(int.from_bytes(f.read(8), "little"))
-          files[name] = {"bytes": os.path.getsize(path),
+          files[name] = {"bytes": storage.size(path),
                          "header_sha256": hashlib.sha256(header).hexdigest()}
-      out.update(hf_dir=os.path.abspath(self.path), weight_files=files)
+      out.update(hf_dir=storage.absolute(self.path), weight_files=files)
     else:
       out.update(seed=seed)
     return out
@@ -109,7 +114,7 @@ def find_weight_source(s: settings_lib.Settings, workdir: str) -> tuple[WeightSo
     return WeightSource("checkpoint", s.init.checkpoint, step), cfg.replace(**overrides)
   if s.init.hf_dir:
     return (WeightSource("hf", s.init.hf_dir, None),
-            ModelConfig.from_hf_config(s.init.hf_dir, **overrides))
+            ModelConfig.from_hf_config(hf.read_config(s.init.hf_dir), **overrides))
   return WeightSource("random", "", None, s.model.preset), s.model.preset_config()
 
 
@@ -162,6 +167,7 @@ def start(s: settings_lib.Settings, workdir: str, model_config: ModelConfig | No
   `model_config` replaces the one the weight source gives (the demo sizes its student's
   vocabulary from the tokenizer it trained).
   """
+  check_storage(s, workdir)
   if s.compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", s.compilation_cache_dir)
   source, cfg = find_weight_source(s, workdir)
@@ -171,6 +177,27 @@ def start(s: settings_lib.Settings, workdir: str, model_config: ModelConfig | No
   logging.info("mesh %s; model %s, %s parameters; init: %s", sharding.describe(mesh),
                cfg.model_type, f"{cfg.num_params():,}", source)
   return Run(s, workdir, source, cfg, mesh)
+
+
+def check_storage(s: settings_lib.Settings, workdir: str) -> None:
+  """Stops the run, before anything is created, when one of its gs:// paths cannot be used:
+  --workdir must take writes; init.checkpoint, init.hf_dir, data.tokenizer, data.sources
+  and data.validation_sources must be there, and sources must be of a kind read from gs://
+  (ArrayRecord is not). Local paths are left to fail where they always did."""
+  storage.check_reachable(workdir, writable=True, what="--workdir")
+  for key, path in (("init.checkpoint", s.init.checkpoint), ("init.hf_dir", s.init.hf_dir),
+                    ("data.tokenizer", s.data.tokenizer)):
+    if path:
+      storage.check_reachable(path, what=key)
+  for key, spec in (("data.sources", s.data.sources),
+                    ("data.validation_sources", s.data.validation_sources)):
+    for source in builder.parse_sources(spec) if spec else ():
+      if storage.is_url(source.path):
+        storage.check_reachable(source.path, what=key)
+        try:
+          sources.source_files(source.path)
+        except (ValueError, FileNotFoundError) as e:
+          raise ValueError(f"{key}: {e}") from e
 
 
 def write_manifest(run: Run, data_fingerprint: str) -> None:
@@ -203,6 +230,6 @@ def write_manifest(run: Run, data_fingerprint: str) -> None:
       "device_count": jax.device_count(),
       "data_fingerprint": data_fingerprint,
   }
-  os.makedirs(run.workdir, exist_ok=True)
-  with open(os.path.join(run.workdir, "manifest.json"), "w") as f:
+  storage.makedirs(run.workdir)
+  with storage.atomic_write(storage.join(run.workdir, "manifest.json")) as f:
     json.dump(manifest, f, indent=2, default=str)

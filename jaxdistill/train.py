@@ -144,8 +144,10 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+    real = jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32))  # all but padding
     return new_state, {"loss": nll / n_scored, "grad_norm": grad_norm,
-                       "scored_tokens": n_scored, "lr": schedule(state.step)}
+                       "scored_tokens": n_scored, "real_tokens": real,
+                       "lr": schedule(state.step)}
 
   return train_step
 

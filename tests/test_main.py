@@ -71,6 +71,9 @@ def test_tiny_config_trains_and_loss_falls(uninterrupted):
     val = [json.loads(line) for line in f if "val_loss" in line]
   assert [v["step"] for v in val] == [20, 40] and val[-1]["val_loss"] < val[0]["val_loss"]
   assert rows[-1]["loss"] < 0.6 * rows[0]["loss"], [r["loss"] for r in rows]
+  timed = [r for r in rows if "tokens_per_s" in r]
+  assert timed and all(0 < r["scored_tokens_per_s"] < r["real_tokens_per_s"]
+                       <= r["tokens_per_s"] for r in timed)
   assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))) == [20, 30, 40]
   manifest = json.load(open(os.path.join(workdir, "manifest.json")))
   assert manifest["mesh"] == {"data": 1, "fsdp": 1, "context": 1, "tp": 1}

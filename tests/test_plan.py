@@ -262,3 +262,23 @@ def test_recipes_fit_the_hardware_their_docstrings_name(name, phase, variant, to
                                                got["peak"] / 2**30)
   if s.mode == "train_and_eval":
     assert plan["eval"]["fits"], (config, topo)
+
+
+def test_progress_reports_padded_real_and_scored_token_rates():
+  """tok/s counts padded positions (what FLOPs and MFU count); beside it the rates of tokens
+  that hold text and of tokens the loss scores, summed over the steps since the last report."""
+  rows, lines = [], []
+  writer = types.SimpleNamespace(write=lambda step, row: rows.append((step, row)))
+  now = iter([0.0, 10.0, 12.0])  # start; step 1 (compilation); steps 2-3
+  reporter = metrics.ProgressReporter(
+      writer, lines.append, first_step=1, num_steps=3, log_every=3, tokens_per_step=1000,
+      flops_per_step=2e12, peak_flops=1e12, clock=lambda: next(now))
+  base = {"loss": 1.0, "grad_norm": 1.0, "lr": 1e-3}
+  reporter.step_done(1, dict(base, real_tokens=900.0, scored_tokens=400.0))
+  reporter.step_done(2, dict(base, real_tokens=800.0, scored_tokens=300.0))
+  reporter.step_done(3, dict(base, real_tokens=600.0, scored_tokens=100.0))
+  step, row = rows[-1]
+  assert step == 3 and row["step_time"] == 1.0 and row["tokens_per_s"] == 1000.0
+  assert row["real_tokens_per_s"] == 700.0 and row["scored_tokens_per_s"] == 200.0
+  assert row["mfu"] == pytest.approx(2e12 / 1.0 / (1e12 * jax.device_count()))
+  assert "1,000 tok/s (700 not padding, 200 scored)" in lines[-1]

@@ -13,7 +13,6 @@ a pipeline can read the report, and non-zero only for bad arguments. The matchin
 in jaxdistill/data/contamination.py.
 """
 
-import glob
 import json
 import os
 import sys
@@ -23,6 +22,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tools import format_flags  # noqa: E402
+from jaxdistill import storage  # noqa: E402
 from jaxdistill.data import contamination, formats  # noqa: E402
 from jaxdistill.eval import tasks  # noqa: E402
 
@@ -51,8 +51,18 @@ def main(argv):
   if unknown or not FLAGS.eval:
     raise app.UsageError(f"--eval: unknown evaluation sets {unknown}; choose from "
                          f"{','.join(tasks.TASKS)}")
-  inputs = {os.path.realpath(p) for spec in FLAGS.train for p in glob.glob(spec)}
-  if FLAGS.write_filtered and os.path.realpath(FLAGS.write_filtered) in inputs:
+  try:
+    for spec in FLAGS.train:  # gs:// ones: reachable, or a message saying what to change
+      if not spec.startswith("tfds:"):
+        storage.check_reachable(spec, what="--train")
+    for flag in ("report", "write_filtered"):
+      if getattr(FLAGS, flag):
+        storage.check_reachable(storage.dirname(getattr(FLAGS, flag)), writable=True,
+                                what=f"--{flag}")
+  except ValueError as e:
+    raise app.UsageError(str(e))
+  inputs = {_real(p) for spec in FLAGS.train for p in storage.glob(spec)}
+  if FLAGS.write_filtered and _real(FLAGS.write_filtered) in inputs:
     raise app.UsageError(f"--write_filtered={FLAGS.write_filtered} is one of the --train files")
   try:
     index = contamination.ContaminationIndex.from_tasks(
@@ -63,13 +73,17 @@ def main(argv):
 
   print(report.summary(FLAGS.show))
   if FLAGS.report:
-    with open(FLAGS.report, "w", encoding="utf-8") as f:
+    with storage.atomic_write(FLAGS.report, "w", encoding="utf-8") as f:
       json.dump(report.to_dict(), f, indent=1, ensure_ascii=False)
     print(f"wrote report {FLAGS.report}")
   if FLAGS.write_filtered:
     counts = contamination.write_filtered(FLAGS.train, report, FLAGS.write_filtered)
     print(f"wrote {counts['written']} records to {FLAGS.write_filtered} (dropped "
           f"{counts['dropped_flagged']} flagged, {counts['dropped_skipped']} skipped)")
+
+
+def _real(path: str) -> str:
+  return path if storage.is_url(path) else os.path.realpath(path)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxdistill import checkpoint, hf, sharding  # noqa: E402
+from jaxdistill import checkpoint, hf, sharding, storage  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("from_hf", None, "Hugging Face directory (config.json + *.safetensors).")
@@ -40,9 +40,18 @@ def main(argv):
   if hf_import == hf_export or (hf_import and not (FLAGS.from_hf and FLAGS.to_orbax)) or (
       hf_export and not (FLAGS.from_orbax and FLAGS.to_hf)):
     raise app.UsageError("give either --from_hf and --to_orbax, or --from_orbax and --to_hf")
+  try:  # gs:// paths: reachable, or a message saying what to change
+    for flag in ("from_hf", "from_orbax", "tokenizer"):
+      if getattr(FLAGS, flag):
+        storage.check_reachable(getattr(FLAGS, flag), what=f"--{flag}")
+    for flag in ("to_orbax", "to_hf"):
+      if getattr(FLAGS, flag):
+        storage.check_reachable(getattr(FLAGS, flag), writable=True, what=f"--{flag}")
+  except ValueError as e:
+    raise app.UsageError(str(e))
   mesh = sharding.make_mesh([int(x) for x in FLAGS.mesh])
   if hf_import:
-    if os.path.exists(FLAGS.to_orbax) and os.listdir(FLAGS.to_orbax):
+    if storage.exists(FLAGS.to_orbax) and storage.listdir(FLAGS.to_orbax):
       raise app.UsageError(f"--to_orbax={FLAGS.to_orbax} exists and is not empty")
     overrides = {k: getattr(FLAGS, k) for k in ("rope_theta", "max_position_embeddings")
                  if getattr(FLAGS, k) is not None}

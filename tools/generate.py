@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from jaxdistill import checkpoint, generate, sharding, startup  # noqa: E402
+from jaxdistill import checkpoint, generate, sharding, startup, storage  # noqa: E402
 from jaxdistill.data import chat  # noqa: E402
 from jaxdistill.rules import rule_from  # noqa: E402
 from jaxdistill.sampler import Sampler, SamplingConfig  # noqa: E402
@@ -72,6 +72,13 @@ flags.mark_flags_as_required(["init", "prompts", "output"])
 def main(argv):
   del argv
   startup.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  try:  # gs:// paths: reachable, or a message saying what to change
+    for flag in ("init", "prompts", "tokenizer"):
+      if getattr(FLAGS, flag):
+        storage.check_reachable(getattr(FLAGS, flag), what=f"--{flag}")
+    storage.check_reachable(storage.dirname(FLAGS.output), writable=True, what="--output")
+  except ValueError as e:
+    raise app.UsageError(str(e))
   mesh = sharding.make_mesh([int(x) for x in FLAGS.mesh])
   tokenizer = chat.load_tokenizer(FLAGS.tokenizer or FLAGS.init)
   renderer = chat.ChatRenderer(tokenizer, FLAGS.chat_template_name)
@@ -79,7 +86,7 @@ def main(argv):
   if tokenizer.vocab_size > model.config.vocab_size:
     raise app.UsageError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size}: they do not belong together")
-  if os.path.exists(os.path.join(FLAGS.init, "config.json")):
+  if storage.exists(storage.join(FLAGS.init, "config.json")):
     source = startup.WeightSource("hf", FLAGS.init, None)
   else:
     source = startup.WeightSource("checkpoint", FLAGS.init,

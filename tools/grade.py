@@ -32,6 +32,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from jaxdistill import storage  # noqa: E402
 from jaxdistill.eval import grade, metrics  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -50,7 +51,7 @@ class InputError(ValueError):
 def read_lines(path: str, task: str) -> list[dict]:
   """Parses and validates every line of `path`; raises InputError naming FILE:LINE."""
   records = []
-  with open(path, encoding="utf-8") as f:
+  with storage.open(path, encoding="utf-8") as f:
     for number, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -159,7 +160,7 @@ def main(argv):
       print(f"  sample {i}: {v.reason}{shown}{flagged}")
 
   if FLAGS.output:
-    with open(FLAGS.output, "w", encoding="utf-8") as f:
+    with storage.atomic_write(FLAGS.output, "w", encoding="utf-8") as f:
       for r, verdicts, g in zip(records, problems, greedy):
         out = {"line": r["line"], "id": r["id"], "answer": r["gold"],
                "verdicts": [v.to_dict() for v in verdicts]}

@@ -6,11 +6,11 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
 
+from jaxdistill import storage
 from jaxdistill.data import chat, formats, packed_rows, pipeline, sources
 
 # What must match between the tokenizer that prepared a directory and the run's
@@ -130,8 +130,7 @@ def _fingerprint(cfg: pipeline.DataConfig, renderer: chat.ChatRenderer, d: DataS
     h.update(json.dumps([d.format, dataclasses.asdict(d.format_spec)], sort_keys=True).encode())
   for s in cfg.sources:
     for path in _local_files(s.path):
-      st = os.stat(path)
-      h.update(f"{path}:{st.st_size}:{int(st.st_mtime)}".encode())
+      h.update(f"{path}:{storage.version(path)}".encode())  # size and mtime or generation
   h.update(f"{renderer.template_name}:{renderer.turn_end_id}".encode())
   return h.hexdigest()[:16]
 
@@ -149,9 +148,9 @@ def _local_files(spec: str) -> list[str]:
 
 def _planned_steps(cfg, fn, renderer, d: DataSettings, workdir: str | None) -> int:
   key = f"{_fingerprint(cfg, renderer, d)}:{jax.process_count()}"
-  path = os.path.join(workdir, "data_plan.json") if workdir else None
-  if path and os.path.exists(path):
-    with open(path) as f:
+  path = storage.join(workdir, "data_plan.json") if workdir else None
+  if path and storage.exists(path):
+    with storage.open(path) as f:
       cached = json.load(f)
     if cached.get("key") == key:
       logging.info("data: %d steps (planned earlier, %s)", cached["steps"], path)
@@ -164,8 +163,8 @@ def _planned_steps(cfg, fn, renderer, d: DataSettings, workdir: str | None) -> i
   logging.info("data: %d epoch(s) pack into %s rows per process: %d steps", cfg.num_epochs,
                plan.rows_per_process, plan.steps)
   if path and jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
+    storage.makedirs(workdir)
+    with storage.open(path, "w") as f:
       json.dump({"key": key, "steps": plan.steps,
                  "rows_per_process": list(plan.rows_per_process)}, f)
   return plan.steps

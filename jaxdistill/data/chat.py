@@ -54,6 +54,7 @@ import jinja2.nodes
 import jinja2.sandbox
 import numpy as np
 
+from jaxdistill import storage
 from jaxdistill.data.formats import FormatError
 
 # Tokens that can end an assistant turn in the chat templates of the supported families.
@@ -191,8 +192,12 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-  """A Hugging Face tokenizer directory or a SentencePiece `.model` file."""
+  """A Hugging Face tokenizer directory or a SentencePiece `.model` file; a gs:// one is read
+  from a local copy (`storage`; of a directory, every file but the weights)."""
   path = os.fspath(path)
+  if storage.is_url(path):
+    path = (storage.local_copy(path) if path.endswith(".model")
+            else storage.local_dir(path, skip=storage.WEIGHT_SUFFIXES))
   if os.path.isdir(path):
     return HFTokenizer(path)
   if os.path.isfile(path) and path.endswith(".model"):

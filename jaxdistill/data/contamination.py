@@ -50,12 +50,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import os
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from jaxdistill import storage
 from jaxdistill.data import formats
 from jaxdistill.eval import tasks as eval_tasks
 
@@ -384,28 +384,23 @@ def write_filtered(paths: Sequence[str], report: Report, out_path: str) -> dict[
   skipped = {location for location, _ in report.skipped}
   counts = {"written": 0, "dropped_flagged": 0, "dropped_skipped": 0}
   seen = 0
-  # Written beside the target and renamed at the end, so that a failure leaves no half file,
-  # and an output inside a training directory is not read back as input.
-  tmp_path = out_path + ".tmp"
-  try:
-    with open(tmp_path, "w", encoding="utf-8") as f:
-      for item in _read(paths):
-        seen += 1
-        if item.location in flagged:
-          counts["dropped_flagged"] += 1
-        elif item.location in skipped:
-          counts["dropped_skipped"] += 1
-        else:
-          # default=str: Parquet rows can hold dates or decimals, which JSON has no type for.
-          f.write(json.dumps(item.record, ensure_ascii=False, default=str) + "\n")
-          counts["written"] += 1
+  # Written beside the target and renamed at the end (on gs://, uploaded at the end), so that
+  # a failure leaves no half file, and an output inside a training directory is not read back
+  # as input.
+  with storage.atomic_write(out_path, "w", encoding="utf-8") as f:
+    for item in _read(paths):
+      seen += 1
+      if item.location in flagged:
+        counts["dropped_flagged"] += 1
+      elif item.location in skipped:
+        counts["dropped_skipped"] += 1
+      else:
+        # default=str: Parquet rows can hold dates or decimals, which JSON has no type for.
+        f.write(json.dumps(item.record, ensure_ascii=False, default=str) + "\n")
+        counts["written"] += 1
     if seen != report.records:
       raise ValueError(f"{list(paths)} now hold {seen} records but the report saw "
                        f"{report.records}; check the data again before filtering")
-    os.replace(tmp_path, out_path)
-  finally:
-    if os.path.exists(tmp_path):
-      os.remove(tmp_path)
   return counts
 
 

@@ -60,6 +60,7 @@ from typing import Any, NamedTuple, TextIO
 
 import numpy as np
 
+from jaxdistill import storage
 from jaxdistill.data import builder, chat, formats, packing, pipeline, sources
 from jaxdistill.data.packed_rows import STATS_FILE, encode_packed_row
 
@@ -381,15 +382,19 @@ def fingerprint_inputs(srcs, stop: threading.Event | None = None) -> list[dict[s
       continue
     for path in src.paths:
       h = hashlib.sha256()
-      with open(path, "rb") as f:
+      with storage.open(path, "rb") as f:
         while (block := f.read(1 << 24)) and not (stop and stop.is_set()):
           h.update(block)
-      out.append({"path": os.path.abspath(path), "bytes": os.path.getsize(path),
+      out.append({"path": storage.absolute(path), "bytes": storage.size(path),
                   "sha256": h.hexdigest()})
   return out
 
 
 def _check_output(directory: str):
+  if storage.is_url(directory):
+    raise ValueError(f"output {directory!r}: prepared shards are ArrayRecord files, which are "
+                     "written and read on local disk only; write them to a local directory "
+                     "(copy it to the bucket for keeping with gcloud storage cp -r)")
   if os.path.isfile(directory):
     raise ValueError(f"output {directory!r} is a file; give a directory")
   if os.path.isdir(directory):

@@ -13,6 +13,9 @@ A record that cannot be read (malformed JSON, invalid UTF-8, a JSON value that i
 an undecodable ArrayRecord entry) is not an exception: the item carries `record=None` and an
 `error` string, so one bad line in a 100k-line file costs one record, reported with its location.
 
+Any path may be a gs:// URL (`jaxdistill.storage`), except ArrayRecord files, whose C++ reader
+opens local files only (`REMOTE_ARRAY_RECORD` says what to do instead).
+
 ArrayRecord entries are either UTF-8 JSON objects or pre-tokenised examples, stored as msgpack
 maps `{"format": "jaxdistill.tokens.v1", "tokens": <int32 little-endian bytes>,
 "loss_mask": <uint8 bytes, 0/1>}` (`encode_tokenized` / `decode_tokenized`); a pre-tokenised
@@ -24,7 +27,6 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
-import glob
 import json
 import os
 import threading
@@ -34,6 +36,8 @@ from typing import Any, NamedTuple
 import grain
 import msgpack
 import numpy as np
+
+from jaxdistill import storage
 
 TOKENIZED_FORMAT = "jaxdistill.tokens.v1"
 _EXTENSIONS = {".jsonl": "jsonl", ".parquet": "parquet", ".array_record": "array_record"}
@@ -93,28 +97,44 @@ def decode_json(data: bytes, location: str) -> Item:
   return Item(obj, location)
 
 
+REMOTE_ARRAY_RECORD = (
+    "ArrayRecord files are read by a C++ reader that opens local files only, so gs:// "
+    "ArrayRecord sources are refused: copy the directory to local disk (gcloud storage cp -r "
+    "URL DIR) or mount the bucket (gcsfuse), and give that path")
+
+
 def expand_paths(spec: str, extension: str) -> list[str]:
-  """A file, a glob or a directory (every `*<extension>` inside it) -> sorted file list."""
-  if os.path.isdir(spec):
-    paths = sorted(glob.glob(os.path.join(spec, "*" + extension)))
-  elif glob.has_magic(spec):
-    paths = sorted(p for p in glob.glob(spec) if os.path.isfile(p))
+  """A file, a glob or a directory (every `*<extension>` inside it) -> sorted file list.
+  Local or gs://; gs:// ArrayRecord files are refused (`REMOTE_ARRAY_RECORD`)."""
+  if storage.isdir(spec):
+    paths = storage.glob(storage.join(spec, "*" + extension))
+  elif storage.has_magic(spec):
+    paths = [p for p in storage.glob(spec) if storage.isfile(p)]
   else:
-    paths = [spec] if os.path.isfile(spec) else []
+    paths = [spec] if storage.isfile(spec) else []
   if not paths:
     raise FileNotFoundError(f"no {extension} files match {spec!r}")
+  if storage.is_url(spec) and any(p.endswith(".array_record") for p in paths):
+    raise ValueError(f"{spec}: {REMOTE_ARRAY_RECORD}")
   return paths
 
 
 class JsonlSource:
   """JSON Lines files read line by line at random: a newline index is built once, lines are
   read by offset (`os.pread`, safe from many threads) when asked for. Empty lines are skipped
-  and do not count as records."""
+  and do not count as records.
+
+  A gs:// file is read from a local copy (`storage.local_copy`, once per host and version of
+  the object): building the index reads every byte anyway, so the copy costs no more
+  transfer, and the shuffled reads then stay local instead of one request per record.
+  Locations name the URL.
+  """
 
   def __init__(self, spec: str):
     self.paths = expand_paths(spec, ".jsonl")
+    self._local = [storage.local_copy(p) for p in self.paths]
     files, starts, ends, lines = [], [], [], []
-    for i, path in enumerate(self.paths):
+    for i, path in enumerate(self._local):
       s, e = _line_spans(path)
       keep = e > s
       files.append(np.full(int(keep.sum()), i, np.int32))
@@ -138,7 +158,7 @@ class JsonlSource:
   def _fd(self, f: int) -> int:
     # File objects rather than raw descriptors so they close when the source is collected;
     # two threads racing here each open one, and the loser's is collected.
-    file = self._files.get(f) or self._files.setdefault(f, open(self.paths[f], "rb"))
+    file = self._files.get(f) or self._files.setdefault(f, open(self._local[f], "rb"))
     return file.fileno()
 
   def __getstate__(self):
@@ -168,7 +188,8 @@ def _line_spans(path: str, chunk: int = 1 << 24) -> tuple[np.ndarray, np.ndarray
 class ParquetSource:
   """Parquet files read one row group at a time, the last few kept (a small LRU), so rows of
   the same group read close together cost one read. Global shuffles over very large row groups
-  re-read a group per record: convert such files to ArrayRecord first."""
+  re-read a group per record: convert such files to ArrayRecord first. A gs:// file is read
+  in place through ranged reads (a row group is one large read, unlike a JSONL line)."""
 
   def __init__(self, spec: str, cache_row_groups: int = 4):
     import pyarrow.parquet as pq  # optional: only Parquet users need pyarrow
@@ -176,7 +197,12 @@ class ParquetSource:
     self._groups = []  # (file index, row group, first row of the group within its file)
     counts = []
     for f, path in enumerate(self.paths):
-      meta, first = pq.read_metadata(path), 0
+      if storage.is_url(path):
+        with storage.open(path, "rb") as file:
+          meta = pq.read_metadata(file)
+      else:
+        meta = pq.read_metadata(path)
+      first = 0
       for g in range(meta.num_row_groups):
         n = meta.row_group(g).num_rows
         if n:
@@ -209,10 +235,9 @@ class ParquetSource:
       if table is not None:
         self._cache.move_to_end(k)
         return table
-      import pyarrow.parquet as pq
       f, g, _ = self._groups[k]
       if f not in self._files:
-        self._files[f] = pq.ParquetFile(self.paths[f])
+        self._files[f] = _parquet_file(self.paths[f])
       table = self._files[f].read_row_group(g)
       self._cache[k] = table
       while len(self._cache) > self._cache_size:
@@ -231,6 +256,13 @@ class ParquetSource:
 
   def __repr__(self):
     return f"ParquetSource({len(self.paths)} files, {len(self)} records)"
+
+
+def _parquet_file(path: str):
+  """A pyarrow ParquetFile: by path locally, over a storage file object (ranged reads) on
+  gs://."""
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  return pq.ParquetFile(storage.open(path, "rb") if storage.is_url(path) else path)
 
 
 class ArrayRecordSource:
@@ -361,22 +393,33 @@ def open_source(spec: str):
   if spec.startswith("tfds:"):
     name, _, split = spec[len("tfds:"):].partition("@")
     return TfdsSource(name, split or "train")
-  if os.path.isdir(spec):
+  return {"jsonl": JsonlSource, "parquet": ParquetSource,
+          "array_record": ArrayRecordSource}[source_kind(spec)](spec)
+
+
+def source_kind(spec: str) -> str:
+  """"jsonl", "parquet" or "array_record": what a file, glob or directory spec holds."""
+  if storage.isdir(spec):
     kinds = {_EXTENSIONS[e] for e in _EXTENSIONS
-             if glob.glob(os.path.join(spec, "*" + e))}
+             if storage.glob(storage.join(spec, "*" + e))}
     if len(kinds) != 1:
       raise ValueError(f"directory {spec!r} must hold exactly one kind of "
                        f"{sorted(set(_EXTENSIONS))} files, found {sorted(kinds) or 'none'}")
-    kind = kinds.pop()
-  else:
-    ext = os.path.splitext(spec)[1].lower()
-    if ext not in _EXTENSIONS:
-      hint = " (a .json array: convert it to JSON Lines)" if ext == ".json" else ""
-      raise ValueError(f"unsupported data source {spec!r}{hint}; expected "
-                       f"{sorted(_EXTENSIONS)} files, a directory of them, or tfds:NAME[@SPLIT]")
-    kind = _EXTENSIONS[ext]
-  return {"jsonl": JsonlSource, "parquet": ParquetSource,
-          "array_record": ArrayRecordSource}[kind](spec)
+    return kinds.pop()
+  ext = os.path.splitext(spec)[1].lower()
+  if ext not in _EXTENSIONS:
+    hint = " (a .json array: convert it to JSON Lines)" if ext == ".json" else ""
+    raise ValueError(f"unsupported data source {spec!r}{hint}; expected "
+                     f"{sorted(_EXTENSIONS)} files, a directory of them, or tfds:NAME[@SPLIT]")
+  return _EXTENSIONS[ext]
+
+
+def source_files(spec: str) -> list[str]:
+  """The files a file, glob or directory spec names (none for tfds:); raises when there are
+  none, or when they cannot be read from where they are (gs:// ArrayRecord)."""
+  if spec.startswith("tfds:"):
+    return []
+  return expand_paths(spec, "." + source_kind(spec))
 
 
 # -- Mixtures ---------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import time
 
 import jax
 
-from jaxdistill import apps, checkpoint, evaluate as evaluate_lib, startup, train
+from jaxdistill import apps, checkpoint, evaluate as evaluate_lib, startup, storage, train
 from jaxdistill.data import builder, chat
 from jaxdistill.demo import teacher
 from jaxdistill.model_config import ModelConfig
@@ -220,6 +220,9 @@ class _Times:
 
 def main(s: Settings, workdir: str) -> dict:
   """Runs (or resumes, or reports) the demo in `workdir`; returns the summary."""
+  if storage.is_url(workdir):
+    raise ValueError(f"--workdir={workdir}: the demo is a one-machine run that writes its data "
+                     "and reports with local files; give it a local directory")
   summary_path = os.path.join(workdir, "summary.json")
   report_path = os.path.join(workdir, "report.md")
   if os.path.exists(summary_path) and os.path.exists(report_path):
