@@ -35,7 +35,16 @@ from jax.sharding import PartitionSpec as P
 
 from jaxdistill import sharding
 
-DENSE_MAX_T = 1024  # `auto` on CPU: dense attention is faster than blockwise up to here
+# `auto` on CPU: dense attention up to here, blockwise beyond. Dense materialises [B, N, T, T]
+# scores and, under the training scan over layers, keeps every layer's probabilities as
+# residuals ([L, B, N, T, T]: 2.2 GB at SmolLM2-135M, batch 2 x 1,024, which XLA also zero-fills
+# every step); blockwise keeps O(T x block) and skips the block pairs above the diagonal.
+# Train step at SmolLM2-135M shapes (fp32, AdamW, batch 2; AMD EPYC, 2 cores shared,
+# alternating runs, medians of 3; tools/bench_train.py --hf_dir --attention=...):
+#   T = 1,024: dense 52.2 s, blockwise (block 512) 33.5 s, (block 128) 28.5 s;
+#   T =   512: dense 31.6 s, blockwise 27.2 s, 19.9 s; T = 256: 13.8 s, 12.6 s, 10.5 s;
+# the demo student (0.9M params, batch 4 x 384): dense 386-396 ms, blockwise 323-358 ms.
+DENSE_MAX_T = 256
 _NEG = -1e30  # finite "minus infinity": masked scores, so max/exp never see inf - inf
 
 

@@ -290,10 +290,15 @@ def _prefill(params, tokens_SP, lengths_S, prompt_ids_S, first_sample_S, seed, *
   base_key = jax.random.key(seed)
   b, p = tokens_SP.shape
   layers, stacks, kv_heads, head_dim = cache_shape
-  cache = KVCache.zeros(layers, b, cache_len, kv_heads, head_dim, cache_dtype, stacks=stacks)
+  # The prompts attend among themselves in a cache of their P slots, which is then extended
+  # with the empty slots the decode fills: attending over all of cache_len would cost
+  # (P + max_new_tokens) / P times the attention (65x for a 512-token prompt and a 32k-token
+  # budget), all of it on empty slots.
+  cache = KVCache.zeros(layers, b, p, kv_heads, head_dim, cache_dtype, stacks=stacks)
   positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
   segments = (positions < lengths_S[:, None]).astype(jnp.int32)
   x_BPD, cache = _run_layers(model.layers, model.embed(tokens_SP), positions, segments, cache)
+  cache = _extend_cache(cache, cache_len)
   last_B1D = jnp.take_along_axis(x_BPD, (lengths_S - 1)[:, None, None], axis=1)
   logits = model.unembed(model.norm(last_B1D))[:, 0]
   rep = lambda x: jnp.repeat(x, n, axis=0)  # noqa: E731
@@ -307,6 +312,16 @@ def _prefill(params, tokens_SP, lengths_S, prompt_ids_S, first_sample_S, seed, *
                       count=jnp.zeros((rows,), jnp.int32), done=jnp.zeros((rows,), bool),
                       stopped=jnp.zeros((rows,), bool),
                       out=jnp.zeros((rows, cfg.max_new_tokens), jnp.int32))
+
+
+def _extend_cache(cache: KVCache, length: int) -> KVCache:
+  """`cache` with empty slots (zeros, as KVCache.zeros makes them) appended up to `length`."""
+  extra = length - cache.length
+  pad = lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0)  # noqa: E731
+                                    for a in range(x.ndim)])
+  return cache.replace(k=tuple(pad(k, 4) for k in cache.k),  # [B, n, K, H, S]
+                       v=tuple(pad(v, 3) for v in cache.v),  # [B, n, K, S, H]
+                       positions=pad(cache.positions, 1), segment_ids=pad(cache.segment_ids, 1))
 
 
 @functools.partial(jax.jit, static_argnames=("n",), donate_argnums=0)

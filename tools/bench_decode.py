@@ -3,6 +3,7 @@
   python tools/bench_decode.py                         # bench model: 64-token prompts, 128 new
   python tools/bench_decode.py --preset=qwen2_5_0_5b --prompt_len=2048 --new_tokens=64
   python tools/bench_decode.py --compile_depths=8,80   # decode compile time against depth
+  python tools/bench_decode.py --hf_dir=DIR            # a Hugging Face model's own weights
 
 Decode speed is separated from the prompt's prefill: the sampler reports the seconds of its
 prefill and decode phases (`generate(timings=...)`), and transformers generates from a KV
@@ -11,7 +12,10 @@ per row and nothing else. decode tokens/s = batch x N / median seconds. Prints b
 frameworks' decode tokens/s, their ratio, and the share of the memory-bandwidth bound:
 batch x read bandwidth / (bytes of weights + KV cache read per step), with the read
 bandwidth (a large array reduction) measured just before each timed run, so that each run
-is held to the bandwidth of its own moment. Prefill time is printed too.
+is held to the bandwidth of its own moment. Prefill time is printed too. With --hf_dir both
+frameworks load that directory (e.g. SmolLM2-135M from tests/real_model.py) instead of
+random weights of --preset; transformers runs with sdpa attention and as many torch threads
+as cores.
 
 With --compile_depths, it measures instead what depth costs the decode step: for each depth,
 a model of the preset's width with that many layers (random weights, no transformers twin),
@@ -38,12 +42,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxdistill import model as model_lib, rules, sampler as sampler_lib  # noqa: E402
-from jaxdistill.model_config import get_preset  # noqa: E402
+from jaxdistill.model_config import ModelConfig, get_preset  # noqa: E402
 import benchlib  # noqa: E402
 from jaxdistill.sampler import Sampler, SamplingConfig  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "bench", "'bench' or a model_config.PRESETS name.")
+flags.DEFINE_string("hf_dir", None, "A Hugging Face directory: its config and weights instead "
+                    "of --preset's random ones.")
 flags.DEFINE_list("batch", ["1", "8"], "Batch sizes.")
 flags.DEFINE_integer("prompt_len", 64, "Prompt tokens.")
 flags.DEFINE_integer("new_tokens", 128, "Generated tokens per row (no early stop).")
@@ -140,13 +146,19 @@ def main(argv):
     return
   import torch  # pylint: disable=g-import-not-at-top
   device = "cuda" if torch.cuda.is_available() else "cpu"
-  ref, model = benchlib.twin_models(cfg, FLAGS.dtype, device)
+  torch.set_num_threads(os.cpu_count() or 1)
+  if FLAGS.hf_dir:
+    cfg = ModelConfig.from_hf_config(FLAGS.hf_dir)
+    ref, model = benchlib.hf_dir_models(FLAGS.hf_dir, FLAGS.dtype, device)
+  else:
+    ref, model = benchlib.twin_models(cfg, FLAGS.dtype, device)
   sampler = Sampler.from_model(model, unroll=FLAGS.unroll)
   probe = _BandwidthProbe()
   itemsize = 2 if FLAGS.dtype == "bfloat16" else 4
   weight_bytes = cfg.num_params() * itemsize
-  print(f"model: {FLAGS.preset} ({cfg.num_params() / 1e6:.1f}M params, {FLAGS.dtype}), prompt "
-        f"{FLAGS.prompt_len}, {FLAGS.new_tokens} new tokens; {jax.devices()[0].device_kind}; "
+  print(f"model: {FLAGS.hf_dir or FLAGS.preset} ({cfg.num_params() / 1e6:.1f}M params, "
+        f"{FLAGS.dtype}), prompt {FLAGS.prompt_len}, {FLAGS.new_tokens} new tokens; "
+        f"{jax.devices()[0].device_kind} ({benchlib.cpu_name()}); "
         f"read bandwidth {probe() / 1e9:.1f} GB/s")
   for b in [int(x) for x in FLAGS.batch]:
     prompts = np.random.RandomState(b).randint(3, cfg.vocab_size, (b, FLAGS.prompt_len)).tolist()

@@ -2,12 +2,17 @@
 
   python tools/bench_train.py --vs_hf                 # the bench model on this machine
   python tools/bench_train.py --config=configs/tiny.py
+  python tools/bench_train.py --hf_dir=DIR --batch=2 --seq=1024 --steps=3 --vs_hf
+                                                      # a Hugging Face model's own weights
   python tools/bench_train.py --preset=llama3_2_1b --seq=4096 --batch=8 --dtype=bfloat16 \
       --remat=full                                      # on a GPU: MFU against the bf16 peak
 
 Both frameworks run in this process on the same weights and token batch (full rows, every
 target scored), with AdamW and global-norm clipping; the ratio printed is
-jaxdistill step time / PyTorch step time (below 1 means jaxdistill is faster).
+jaxdistill step time / PyTorch step time (below 1 means jaxdistill is faster). With --hf_dir
+both load that directory (its config and weights; e.g. SmolLM2-135M from
+tests/real_model.py) instead of random weights of --preset; PyTorch runs eager with sdpa
+attention and as many threads as cores.
 """
 
 import dataclasses
@@ -19,6 +24,7 @@ import time
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # Both frameworks share the accelerator in one process: JAX must not take 75% of it up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -29,19 +35,24 @@ from flax import nnx  # noqa: E402
 
 from jaxdistill import hf, metrics, model as model_lib, sharding, train  # noqa: E402
 from jaxdistill.data import pipeline  # noqa: E402
-from jaxdistill.model_config import ATTENTION_IMPLS, REMAT_POLICIES, get_preset  # noqa: E402
+from jaxdistill.model_config import (ATTENTION_IMPLS, REMAT_POLICIES, ModelConfig,  # noqa: E402
+                                     get_preset)
 from jaxdistill.optimizer import make_optimizer, make_schedule  # noqa: E402
 from jaxdistill import settings  # noqa: E402
 from configs import base  # noqa: E402
+import benchlib  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", None, "A run config (configs/*.py): use its model, batch, seq.")
 flags.DEFINE_string("preset", "bench", "'bench' or a model_config.PRESETS name.")
+flags.DEFINE_string("hf_dir", None, "A Hugging Face directory: its config and weights instead "
+                    "of --preset's random ones.")
 flags.DEFINE_integer("batch", 8, "Rows per step.")
 flags.DEFINE_integer("seq", 256, "Tokens per row.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (params fp32).")
 flags.DEFINE_enum("remat", "none", list(REMAT_POLICIES), "Remat policy.")
 flags.DEFINE_enum("attention", "auto", list(ATTENTION_IMPLS), "Attention implementation.")
+flags.DEFINE_integer("attention_block", 512, "Blockwise attention's query/key block.")
 flags.DEFINE_integer("loss_chunk", 1024, "Sequence tokens per loss chunk.")
 flags.DEFINE_integer("steps", 10, "Timed steps (after two warm-up steps).")
 flags.DEFINE_list("mesh", ["1", "-1", "1", "1"], "data,fsdp,context,tp.")
@@ -57,9 +68,12 @@ def _settings():
     s = settings.parse(c)
     _, cfg = startup.find_weight_source(s, tempfile.mkdtemp())
     return cfg, s.train.global_batch_size, s.data.seq_len, s.train.loss_chunk
-  cfg = get_preset(FLAGS.preset)
-  cfg = cfg.replace(param_dtype="float32", compute_dtype=FLAGS.dtype, remat=FLAGS.remat,
-                    attention=FLAGS.attention)
+  overrides = dict(param_dtype="float32", compute_dtype=FLAGS.dtype, remat=FLAGS.remat,
+                   attention=FLAGS.attention, attention_block=FLAGS.attention_block)
+  if FLAGS.hf_dir:
+    cfg = ModelConfig.from_hf_config(FLAGS.hf_dir, **overrides)
+  else:
+    cfg = get_preset(FLAGS.preset).replace(**overrides)
   return cfg, FLAGS.batch, FLAGS.seq, FLAGS.loss_chunk
 
 
@@ -75,11 +89,17 @@ def main(argv):
   del argv
   cfg, b, t, chunk = _settings()
   mesh = sharding.make_mesh([int(x) for x in FLAGS.mesh])
-  model = model_lib.create_model(cfg, mesh, seed=0)
-  hf_dir = None
-  if FLAGS.vs_hf:  # exported now: the jitted step donates (deletes) these parameters
-    hf_dir = tempfile.mkdtemp()
-    hf.save_hf_model(model, os.path.join(hf_dir, "m"), dtype="float32")
+  if FLAGS.hf_dir:
+    model = hf.load_hf_model(FLAGS.hf_dir, mesh, **{
+        f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+        if f.name in ("param_dtype", "compute_dtype", "remat", "attention", "attention_block")})
+    hf_path = FLAGS.hf_dir
+  else:
+    model = model_lib.create_model(cfg, mesh, seed=0)
+    hf_path = None
+    if FLAGS.vs_hf:  # exported now: the jitted step donates (deletes) these parameters
+      hf_path = os.path.join(tempfile.mkdtemp(), "m")
+      hf.save_hf_model(model, hf_path, dtype="float32")
   defaults = settings.parse(base.get_config())  # every other field at configs/base.py's value
   optim = dataclasses.replace(defaults.optim, lr=1e-4, total_steps=1000, warmup_ratio=0.0,
                               weight_decay=0.01, grad_clip=1.0)
@@ -105,17 +125,17 @@ def main(argv):
   jax_s = float(np.median(times))
   flops = metrics.train_flops_per_token(cfg, t) * b * t
   peak = metrics.device_peak_flops()
-  print(f"model: {cfg.num_params() / 1e6:.1f}M params, batch {b} x seq {t}, compute "
-        f"{cfg.compute_dtype}, remat {cfg.remat}, attention {cfg.attention}; "
-        f"{jax.device_count()} x "
-        f"{jax.devices()[0].device_kind}, mesh {dict(mesh.shape)}")
+  print(f"model: {FLAGS.hf_dir or FLAGS.config or FLAGS.preset} ({cfg.num_params() / 1e6:.1f}M "
+        f"params), batch {b} x seq {t}, compute {cfg.compute_dtype}, remat {cfg.remat}, "
+        f"attention {cfg.attention}, loss chunk {chunk}; {jax.device_count()} x "
+        f"{jax.devices()[0].device_kind} ({benchlib.cpu_name()}), mesh {dict(mesh.shape)}")
   line = (f"jaxdistill  {jax_s * 1e3:9.1f} ms/step  {b * t / jax_s:10,.0f} tokens/s  "
           f"{flops / jax_s / 1e9:8.1f} GFLOP/s  loss {float(m['loss']):.4f}")
   if peak:
     line += f"  MFU {flops / jax_s / (peak * jax.device_count()):.1%}"
   print(line)
   if FLAGS.vs_hf:
-    torch_s = _torch_step_time(os.path.join(hf_dir, "m"), cfg, tokens, b, t)
+    torch_s = _torch_step_time(hf_path, cfg, tokens, b, t)
     print(f"pytorch     {torch_s * 1e3:9.1f} ms/step  {b * t / torch_s:10,.0f} tokens/s  "
           f"{flops / torch_s / 1e9:8.1f} GFLOP/s")
     print(f"step-time ratio jaxdistill / pytorch: {jax_s / torch_s:.2f}x")
@@ -125,7 +145,9 @@ def _torch_step_time(hf_path, cfg, tokens, b, t):
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   device = "cuda" if torch.cuda.is_available() else "cpu"
-  ref = transformers.AutoModelForCausalLM.from_pretrained(hf_path).to(device)
+  torch.set_num_threads(os.cpu_count() or 1)
+  ref = transformers.AutoModelForCausalLM.from_pretrained(
+      hf_path, dtype=torch.float32, attn_implementation="sdpa").to(device)
   ref.train()
   autocast = cfg.compute_dtype == "bfloat16"
   opt = torch.optim.AdamW(ref.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
