@@ -93,6 +93,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.profile_steps = (0, 0)  # [start, stop) steps traced by jax.profiler; (0, 0) = off
   c.train.compilation_cache_dir = ""  # persistent XLA compilation cache, e.g. ~/.cache/jaxdistill
 
+  # Logit distillation (jaxdistill/distill.py): a frozen teacher of the same tokenizer runs
+  # beside the student in every train step, on the same mesh; the loss adds
+  # alpha * T^2 * KL(teacher_T || student_T) over the scored tokens. No teacher = plain SFT.
+  c.distill = ml_collections.ConfigDict()
+  c.distill.teacher_hf_dir = ""  # the teacher's Hugging Face directory ("" = none)
+  c.distill.teacher_checkpoint = ""  # or its Orbax checkpoint / run workdir ("" = none)
+  c.distill.teacher_param_dtype = "bfloat16"  # the teacher's weights on the devices
+  c.distill.alpha = 1.0  # weight of T^2 x KL beside the NLL (0 = SFT, bit for bit)
+  c.distill.temperature = 1.0  # T of both softmaxes in the KL
+
   c.eval = ml_collections.ConfigDict()
   c.eval.tasks = "aime24"  # comma-separated: aime24, aime25, amc23, math500
   c.eval.num_samples = 64  # samples per problem; pass@1 is their mean (avg@n)

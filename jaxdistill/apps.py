@@ -9,8 +9,8 @@ import logging
 import jax
 from flax import nnx
 
-from jaxdistill import checkpoint, evaluate as evaluate_lib, model as model_lib, sharding
-from jaxdistill import startup, train as train_lib
+from jaxdistill import checkpoint, distill, evaluate as evaluate_lib, model as model_lib
+from jaxdistill import sharding, startup, train as train_lib
 from jaxdistill.data import builder, chat
 from jaxdistill.model_config import ModelConfig
 from jaxdistill.sampler import Sampler
@@ -33,9 +33,18 @@ def _train(run: startup.Run) -> train_lib.TrainResult:
   startup.write_manifest(run, data.fingerprint)
   model = None if run.source.kind == "resume" else startup.load_weights(
       run.source, run.model_config, run.mesh, s.seed)
+  objective = frozen = None
+  if run.teacher is not None:  # frozen on the mesh beside the student; never checkpointed
+    teacher = startup.load_weights(run.teacher.source, run.teacher.config, run.mesh, s.seed)
+    frozen = nnx.to_pure_dict(nnx.state(teacher, nnx.Param))
+    objective = distill.DistillObjective(
+        nnx.graphdef(teacher), loss_chunk=s.train.loss_chunk, z_loss=s.train.z_loss,
+        alpha=s.distill.alpha, temperature=s.distill.temperature,
+        vocab_size=run.teacher.vocab_size)
   result = train_lib.run(model, run.model_config, s.optim, s.train, run.mesh, data.train,
                          workdir, run_config=json.loads(s.config_json),
-                         eval_data=data.validation, log=logging.info)
+                         eval_data=data.validation, objective=objective, frozen=frozen,
+                         log=logging.info)
   if result.preempted:
     logging.info("stopped by a signal at step %d; run the same command to resume", result.step)
   return result

@@ -44,22 +44,42 @@ def cross_entropy_sums(unembed: Callable[[jax.Array], jax.Array], hidden_BTD: ja
   tokens from every device's part of the sequence, so chunks never move hidden states
   between devices.
   """
+  h, y, w = sequence_chunks(chunk, hidden_BTD, targets_BT, weights_BT.astype(jnp.float32))
+  return _scan_chunks(unembed, h, y, w)
+
+
+def sequence_chunks(chunk: int, *xs_BT: jax.Array) -> tuple[jax.Array, ...]:
+  """[B, T, ...] arrays -> [n, B, C, ...]: the chunks of the sequence a chunked loss scans
+  (shared by every loss that applies an output head chunk by chunk, e.g. distill.py's KL).
+
+  Without context parallelism T is zero-padded up to a multiple of `chunk` (padded tokens
+  must carry weight 0). With the sequence split over a "context" mesh axis of size c, each
+  chunk takes gcd(T / c, chunk / c) tokens from every device's part, so chunking never moves
+  hidden states between devices.
+  """
+  b, t = xs_BT[0].shape[:2]
   context = attention.context_size()
   if context > 1:
-    return _context_sharded_sums(unembed, hidden_BTD, targets_BT, weights_BT, chunk, context)
-  b, t, d = hidden_BTD.shape
+    local = t // context
+    per_device = math.gcd(local, max(1, chunk // context))
+    n = local // per_device
+
+    def chunks(x_BT):  # device-major within a chunk
+      rest = x_BT.shape[2:]
+      x = jnp.moveaxis(x_BT.reshape((b, context, n, per_device) + rest), 2, 0)
+      return x.reshape((n, b, context * per_device) + rest)
+
+    return tuple(chunks(x) for x in xs_BT)
   chunk = min(chunk, t)
   pad = -t % chunk
-  if pad:
-    hidden_BTD = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0)))
-    targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
-    weights_BT = jnp.pad(weights_BT, ((0, 0), (0, pad)))
   n = (t + pad) // chunk
-  # [n, B, C, ...]: scan over chunks of the sequence; the batch axis keeps its sharding.
-  h = hidden_BTD.reshape(b, n, chunk, d).swapaxes(0, 1)
-  y = targets_BT.reshape(b, n, chunk).swapaxes(0, 1)
-  w = weights_BT.astype(jnp.float32).reshape(b, n, chunk).swapaxes(0, 1)
-  return _scan_chunks(unembed, h, y, w)
+
+  def chunks(x_BT):
+    if pad:
+      x_BT = jnp.pad(x_BT, ((0, 0), (0, pad)) + ((0, 0),) * (x_BT.ndim - 2))
+    return x_BT.reshape((b, n, chunk) + x_BT.shape[2:]).swapaxes(0, 1)
+
+  return tuple(chunks(x) for x in xs_BT)
 
 
 def _scan_chunks(unembed, h, y, w):
@@ -80,22 +100,6 @@ def _scan_chunks(unembed, h, y, w):
   zero = jnp.zeros((), jnp.float32)
   (nll_sum, z_sum), _ = jax.lax.scan(body, (zero, zero), (h, y, w))
   return nll_sum, z_sum
-
-
-def _context_sharded_sums(unembed, hidden_BTD, targets_BT, weights_BT, chunk, context):
-  b, t, d = hidden_BTD.shape
-  local = t // context
-  per_device = math.gcd(local, max(1, chunk // context))
-  n = local // per_device
-
-  def chunks(x_BT):  # [B, T, ...] -> [n, B, context * per_device, ...], device-major in a chunk
-    rest = x_BT.shape[2:]
-    x = x_BT.reshape((b, context, n, per_device) + rest)
-    x = jnp.moveaxis(x, 2, 0)
-    return x.reshape((n, b, context * per_device) + rest)
-
-  return _scan_chunks(unembed, chunks(hidden_BTD), chunks(targets_BT),
-                      chunks(weights_BT.astype(jnp.float32)))
 
 
 def naive_cross_entropy_sums(logits_BTV: jax.Array, targets_BT: jax.Array,

@@ -45,7 +45,7 @@ from collections.abc import Sequence
 import jax
 from flax import nnx
 
-from jaxdistill import attention, hardware, model, settings as settings_lib, sharding
+from jaxdistill import attention, distill, hardware, model, settings as settings_lib, sharding
 from jaxdistill.hardware import Chip
 from jaxdistill.model_config import ModelConfig
 
@@ -165,7 +165,7 @@ _LOSS_CHUNK_FP32 = 2.0
 
 
 def estimate_train(cfg: ModelConfig, shape: TrainShape, mesh: tuple[int, int, int, int],
-                   platform: str = "gpu") -> Estimate:
+                   platform: str = "gpu", teacher: ModelConfig | None = None) -> Estimate:
   """Per-device memory of one training step (train.make_train_step, AdamW, donated state).
 
   Args:
@@ -173,6 +173,8 @@ def estimate_train(cfg: ModelConfig, shape: TrainShape, mesh: tuple[int, int, in
     shape: batch, sequence, micro-batches and loss chunk.
     mesh: (data, fsdp, context, tp) sizes, resolved (no -1).
     platform: "gpu" | "tpu" | "cpu", for what attention="auto" resolves to.
+    teacher: a logit-distillation teacher's config (its param dtype), when there is one
+      (`distill.memory_terms`).
   Returns:
     An Estimate; `problems` lists settings the trainer would refuse.
   """
@@ -322,6 +324,21 @@ def estimate_train(cfg: ModelConfig, shape: TrainShape, mesh: tuple[int, int, in
           params * (2 if shape.micro_batches > 1 else 1),
       "batch": rows * t_full * (4 * 4 + 1),  # inputs, targets, positions, segments, mask
   }
+  if teacher is not None:
+    if teacher.num_heads % tp:
+      problems.append(f"the teacher's {teacher.num_heads} attention heads are not divisible "
+                      f"by mesh tp={tp}; choose tp dividing both models' heads")
+    try:
+      gathered = param_bytes(teacher, (1, 1, 1, tp), layers_only=True) // teacher.num_layers
+      held_t, loss_t, forward_t = distill.memory_terms(
+          teacher, rows=b, seq=t, seq_full=t_full, chunk=chunk, tp=tp, fsdp=fsdp, act_bytes=e,
+          dense=impl == "dense", params=param_bytes(teacher, mesh),
+          gathered_layer=gathered if fsdp > 1 else 0)
+      held.update(held_t)
+      moments["loss backward"].update(loss_t)
+      moments["teacher forward"] = {saved_name: saved, **forward_t}
+    except ValueError as err:
+      problems.append(f"the teacher: {err}")
   notes = [f"{b} row(s) x {t} tokens per micro-batch, attention {impl}"]
   if cfg.remat == "offload_dots" and platform != "cpu":
     notes.append(f"offload_dots keeps {_fmt(cfg.num_layers * projections)} per device in "
@@ -429,7 +446,8 @@ def _cost(cfg, shape, mesh, base_cfg, base_shape, base_mesh) -> float:
 
 
 def suggest(cfg: ModelConfig, shape: TrainShape, mesh: tuple[int, int, int, int], chip: Chip,
-            margin: float = 0.1, limit: int = 5) -> list[Suggestion]:
+            margin: float = 0.1, limit: int = 5,
+            teacher: ModelConfig | None = None) -> list[Suggestion]:
   """The first `limit` settings (by `_cost`, then fewest changes) whose training step fits.
 
   Searches the mesh (data x fsdp x context x tp over the same devices, tp dividing the heads
@@ -460,7 +478,7 @@ def suggest(cfg: ModelConfig, shape: TrainShape, mesh: tuple[int, int, int, int]
           for attn in attentions:
             c = cfg.replace(remat=remat, attention=attn)
             s = dataclasses.replace(shape, micro_batches=micro, loss_chunk=chunk)
-            est = estimate_train(c, s, m, chip.platform)
+            est = estimate_train(c, s, m, chip.platform, teacher)
             if est.problems or est.peak > budget:
               continue
             overrides = {}
@@ -522,9 +540,13 @@ def suggest_eval(cfg: ModelConfig, shape: EvalShape, mesh: tuple[int, int, int, 
 
 
 def plan(s: settings_lib.Settings, topo: hardware.Topology, margin: float = 0.1,
-         suggestions: int = 5, prompt_len: int = 256) -> dict:
+         suggestions: int = 5, prompt_len: int = 256,
+         teacher: ModelConfig | None = None) -> dict:
   """Estimates, verdicts and suggestions for run settings `s` on `topo`, as a JSON-able dict
-  (what tools/plan.py prints): the training step whatever the mode, and evaluation."""
+  (what tools/plan.py prints): the training step whatever the mode, and evaluation.
+  `teacher`: the distillation teacher's config (`startup.teacher_source`) when `s` has one."""
+  if s.distill.enabled != (teacher is not None):
+    raise ValueError("plan: pass the teacher's config exactly when distill.teacher_* is set")
   cfg = s.model.preset_config()
   mesh = resolve_mesh(s.mesh_shape, topo.devices)
   problems = []
@@ -534,7 +556,7 @@ def plan(s: settings_lib.Settings, topo: hardware.Topology, margin: float = 0.1,
     problems = e.problems
   shape = TrainShape(global_batch_size=s.train.global_batch_size, seq_len=s.data.seq_len,
                      micro_batches=s.train.micro_batches, loss_chunk=s.train.loss_chunk)
-  train = estimate_train(cfg, shape, mesh, topo.chip.platform)
+  train = estimate_train(cfg, shape, mesh, topo.chip.platform, teacher)
   # What the trainer refuses beyond what the estimator checks (and its suggestions avoid).
   other_problems = [p for p in problems if p not in train.problems]
   train.problems = list(dict.fromkeys(problems + train.problems))
@@ -549,6 +571,7 @@ def plan(s: settings_lib.Settings, topo: hardware.Topology, margin: float = 0.1,
       "model": {"preset": s.model.preset, "params": cfg.num_params(),
                 "param_dtype": cfg.param_dtype, "compute_dtype": cfg.compute_dtype,
                 "remat": cfg.remat, "attention": cfg.attention},
+      "teacher": teacher and {"params": teacher.num_params(), "param_dtype": teacher.param_dtype},
       "topology": {"name": topo.name, "devices": topo.devices, "chip": topo.chip.name,
                    "hbm_bytes": topo.chip.hbm_bytes, "peak_bf16_flops": topo.chip.peak_flops},
       "mesh": dict(zip(("data", "fsdp", "context", "tp"), mesh)),
@@ -561,7 +584,7 @@ def plan(s: settings_lib.Settings, topo: hardware.Topology, margin: float = 0.1,
   if not out["train"]["fits"]:
     out["train"]["suggestions"] = [
         {"flags": g.flags(), "peak": g.estimate.peak, "cost": round(g.cost, 3)}
-        for g in suggest(cfg, shape, mesh, topo.chip, margin, suggestions)]
+        for g in suggest(cfg, shape, mesh, topo.chip, margin, suggestions, teacher)]
   if not out["eval"]["fits"]:
     out["eval"]["suggestions"] = [
         {"flags": g.flags(), "peak": g.estimate.peak, "cost": round(g.cost, 3)}

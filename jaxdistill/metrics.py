@@ -131,6 +131,8 @@ class ProgressReporter:
     self._counted = dict.fromkeys(counted, 0.0)
     head = (f"step {step}/{self.num_steps} | loss {scalars['loss']:.4f} | grad "
             f"{scalars['grad_norm']:.3f} | lr {scalars['lr']:.2e}")
+    if "kl" in scalars:  # logit distillation's KL(teacher || student) per scored token
+      head += f" | kl {scalars['kl']:.4f}"
     if step == self.first_step:
       self.writer.write(step, scalars)
       self.log(f"{head} | first step with compilation {step_time:.1f}s")

@@ -3,8 +3,9 @@ frozen settings out, every problem reported at once.
 
 This module and `jaxdistill/main.py` are the only library code that sees a `ConfigDict`;
 everything below them takes the dataclasses here (or the ones they hold: `train.TrainConfig`,
-`optimizer.OptimConfig`, `evaluate.EvalConfig`, `builder.DataSettings`). None of them declares
-a default: configs/base.py is the one home of every default (tests/test_layout.py checks).
+`optimizer.OptimConfig`, `evaluate.EvalConfig`, `builder.DataSettings`,
+`distill.DistillConfig`). None of them declares a default: configs/base.py is the one home of
+every default (tests/test_layout.py checks).
 
 Two stages of checks, each collecting every problem before raising: `parse` checks what the
 config alone decides (names, ranges, divisibility within the config); `check_run` checks it
@@ -20,6 +21,7 @@ import os
 import ml_collections
 
 from jaxdistill import evaluate
+from jaxdistill.distill import DistillConfig
 from jaxdistill.data import builder, formats
 from jaxdistill import model_config as model_config_lib
 from jaxdistill.model_config import ModelConfig
@@ -102,6 +104,7 @@ class Settings:
   data: builder.DataSettings
   train: TrainConfig
   optim: OptimConfig
+  distill: DistillConfig
   eval: evaluate.EvalConfig
   demo: DemoSettings
   compilation_cache_dir: str  # "" = none
@@ -194,6 +197,12 @@ def parse(c: ml_collections.ConfigDict) -> Settings:
   optim = build(OptimConfig, lr=t.lr, warmup_ratio=t.warmup_ratio, schedule=t.schedule,
                 end_lr_ratio=t.end_lr_ratio, weight_decay=t.weight_decay, b1=t.b1, b2=t.b2,
                 eps=t.eps, grad_clip=t.grad_clip, total_steps=max(num_steps, 0))
+  di = c.distill
+  distill = DistillConfig(
+      teacher_hf_dir=di.teacher_hf_dir, teacher_checkpoint=di.teacher_checkpoint,
+      teacher_param_dtype=di.teacher_param_dtype, alpha=float(di.alpha),
+      temperature=float(di.temperature))
+  problems += distill.problems(c.mode)
   e = c.eval
   if e.compute_dtype not in ("float32", "bfloat16") or e.cache_dtype not in ("float32",
                                                                             "bfloat16"):
@@ -221,7 +230,7 @@ def parse(c: ml_collections.ConfigDict) -> Settings:
   return Settings(
       mode=c.mode, seed=c.seed, init=InitSettings(c.init.checkpoint, c.init.hf_dir),
       model=model, mesh_shape=tuple(c.mesh.shape), data=data, train=train, optim=optim,
-      eval=ev, demo=demo,
+      distill=distill, eval=ev, demo=demo,
       compilation_cache_dir=os.path.expanduser(t.compilation_cache_dir)
       if t.compilation_cache_dir else "", config_json=c.to_json_best_effort(sort_keys=True))
 

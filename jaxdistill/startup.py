@@ -2,7 +2,9 @@
 mesh, check the settings against model and mesh, load the starting model, write the manifest.
 
 The weight source, first that applies: resume from the workdir's own checkpoints >
-init.checkpoint > init.hf_dir > random init of model.preset.
+init.checkpoint > init.hf_dir > random init of model.preset. A distillation teacher
+(distill.teacher_hf_dir or distill.teacher_checkpoint) is a second, frozen source, loaded
+afresh by every start (resume included): it is never checkpointed.
 
 Any of the run's paths may be a gs:// URL (`jaxdistill.storage`); `check_storage` stops a run
 whose URLs cannot be used before anything is created or compiled.
@@ -20,9 +22,9 @@ import subprocess
 
 import jax
 
-from jaxdistill import checkpoint, hf, model as model_lib, settings as settings_lib, sharding
-from jaxdistill import storage
-from jaxdistill.data import builder, sources
+from jaxdistill import checkpoint, distill, hf, model as model_lib, settings as settings_lib
+from jaxdistill import sharding, storage
+from jaxdistill.data import builder, chat, sources
 from jaxdistill.model import Transformer
 from jaxdistill.model_config import ModelConfig
 
@@ -130,6 +132,13 @@ def load_weights(source: WeightSource, cfg: ModelConfig, mesh, seed: int) -> Tra
   return model_lib.create_model(cfg, mesh, seed=seed)
 
 
+def _recorded_data(source: WeightSource) -> tuple[str, dict]:
+  """(tokenizer, data section) that the training run behind a checkpoint recorded."""
+  recorded = checkpoint.load_run_config(source.path, source.step)
+  data = recorded.get("data", {})
+  return data.get("tokenizer") or recorded.get("init", {}).get("hf_dir", ""), data
+
+
 def with_recorded_tokenizer(s: settings_lib.Settings, source: WeightSource
                             ) -> settings_lib.Settings:
   """`s` with the tokenizer and chat template the training run behind `source` recorded, when
@@ -137,9 +146,7 @@ def with_recorded_tokenizer(s: settings_lib.Settings, source: WeightSource
   data.chat_template (not "auto") is kept."""
   if s.data.tokenizer or source.kind not in ("resume", "checkpoint"):
     return s
-  recorded = checkpoint.load_run_config(source.path, source.step)
-  data = recorded.get("data", {})
-  tokenizer = data.get("tokenizer") or recorded.get("init", {}).get("hf_dir", "")
+  tokenizer, data = _recorded_data(source)
   if not tokenizer:
     return s
   template = (s.data.chat_template if s.data.chat_template != "auto"
@@ -151,13 +158,92 @@ def with_recorded_tokenizer(s: settings_lib.Settings, source: WeightSource
 
 
 @dataclasses.dataclass(frozen=True)
+class Teacher:
+  """A distillation run's teacher: its weight source, its config (its own architecture and
+  positions, distill.teacher_param_dtype, the student's compute dtype and attention), and
+  the tokenizer's ids, over which the KL runs."""
+  source: WeightSource
+  config: ModelConfig
+  vocab_size: int
+
+
+def teacher_source(s: settings_lib.Settings) -> tuple[WeightSource, ModelConfig]:
+  """Where the teacher of `s.distill` comes from, and its config (see `Teacher`)."""
+  d, m = s.distill, s.model
+  overrides = {"param_dtype": d.teacher_param_dtype, "compute_dtype": m.compute_dtype,
+               "remat": "none",  # never differentiated: nothing to rematerialise
+               "attention": m.attention, "attention_block": m.attention_block}
+  if d.teacher_checkpoint:
+    cfg, step = checkpoint.load_model_config(d.teacher_checkpoint)
+    return WeightSource("checkpoint", d.teacher_checkpoint, step), cfg.replace(**overrides)
+  return (WeightSource("hf", d.teacher_hf_dir, None),
+          ModelConfig.from_hf_config(hf.read_config(d.teacher_hf_dir), **overrides))
+
+
+def find_teacher(s: settings_lib.Settings, cfg: ModelConfig, mesh_shape: tuple[int, ...]
+                 ) -> Teacher | None:
+  """The run's teacher, checked against the student `cfg`, the tokenizer and the mesh before
+  any weights load; None without distillation. Raises ConfigError with every problem.
+
+  One tokenizer: when the teacher brings its own (tokenizer files in its Hugging Face
+  directory, or the tokenizer its training run recorded), it must be data.tokenizer's
+  (`chat.tokenizer_sha256`); either way both output heads must cover data.tokenizer's ids.
+  """
+  if not s.distill.enabled:
+    return None
+  source, teacher_cfg = teacher_source(s)
+  name = (f"distill.teacher_hf_dir={source.path}" if source.kind == "hf"
+          else f"distill.teacher_checkpoint={source.path} (step {source.step})")
+  if not s.data.tokenizer:
+    raise settings_lib.ConfigError([
+        "logit distillation compares the two models id by id over the tokenizer's ids: set "
+        "data.tokenizer (or init.hf_dir)"])
+  tokenizer = chat.load_tokenizer(s.data.tokenizer)
+  problems = []
+  theirs = _teacher_tokenizer(source)
+  if theirs and chat.tokenizer_sha256(theirs) != chat.tokenizer_sha256(tokenizer):
+    problems.append(
+        f"the teacher's tokenizer ({theirs.path}, {theirs.vocab_size} ids) is not data."
+        f"tokenizer ({s.data.tokenizer}, {tokenizer.vocab_size} ids): logit distillation needs "
+        f"one tokenizer; choose a teacher of the student's tokenizer ({name})")
+  problems += distill.check_models(cfg, teacher_cfg, tokenizer.vocab_size, s.data.tokenizer,
+                                   name, s.data.seq_len, mesh_shape)
+  if problems:
+    raise settings_lib.ConfigError(problems)
+  logging.info("distilling from %s (%s parameters): alpha %g, temperature %g, KL over %d ids",
+               name, f"{teacher_cfg.num_params():,}", s.distill.alpha, s.distill.temperature,
+               tokenizer.vocab_size)
+  return Teacher(source, teacher_cfg, tokenizer.vocab_size)
+
+
+def _teacher_tokenizer(source: WeightSource) -> chat.Tokenizer | None:
+  """The teacher's own tokenizer, when it has one that loads."""
+  if source.kind == "hf":
+    files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    path = source.path if any(storage.exists(storage.join(source.path, f))
+                              for f in files) else ""
+  else:
+    path, _ = _recorded_data(source)
+  if not path:
+    return None
+  try:
+    return chat.load_tokenizer(path)
+  except (OSError, ValueError) as e:
+    logging.warning("the teacher's tokenizer %s does not load (%s): only the vocabulary "
+                    "sizes are checked", path, e)
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
 class Run:
-  """A started run: its settings, weight source, model config and mesh."""
+  """A started run: its settings, weight source, model config and mesh, and the teacher
+  when it distils."""
   settings: settings_lib.Settings
   workdir: str
   source: WeightSource
   model_config: ModelConfig
   mesh: jax.sharding.Mesh
+  teacher: Teacher | None = None
 
 
 def start(s: settings_lib.Settings, workdir: str, model_config: ModelConfig | None = None
@@ -174,19 +260,23 @@ def start(s: settings_lib.Settings, workdir: str, model_config: ModelConfig | No
   cfg = model_config or cfg
   mesh = sharding.make_mesh(list(s.mesh_shape))
   settings_lib.check_run(s, cfg, tuple(mesh.shape.values()))
+  teacher = find_teacher(s, cfg, tuple(mesh.shape.values()))
   logging.info("mesh %s; model %s, %s parameters; init: %s", sharding.describe(mesh),
                cfg.model_type, f"{cfg.num_params():,}", source)
-  return Run(s, workdir, source, cfg, mesh)
+  return Run(s, workdir, source, cfg, mesh, teacher)
 
 
 def check_storage(s: settings_lib.Settings, workdir: str) -> None:
   """Stops the run, before anything is created, when one of its gs:// paths cannot be used:
-  --workdir must take writes; init.checkpoint, init.hf_dir, data.tokenizer, data.sources
-  and data.validation_sources must be there, and sources must be of a kind read from gs://
-  (ArrayRecord is not). Local paths are left to fail where they always did."""
+  --workdir must take writes; init.checkpoint, init.hf_dir, data.tokenizer, the distillation
+  teacher, data.sources and data.validation_sources must be there, and sources must be of a
+  kind read from gs:// (ArrayRecord is not). Local paths are left to fail where they always
+  did."""
   storage.check_reachable(workdir, writable=True, what="--workdir")
   for key, path in (("init.checkpoint", s.init.checkpoint), ("init.hf_dir", s.init.hf_dir),
-                    ("data.tokenizer", s.data.tokenizer)):
+                    ("data.tokenizer", s.data.tokenizer),
+                    ("distill.teacher_checkpoint", s.distill.teacher_checkpoint),
+                    ("distill.teacher_hf_dir", s.distill.teacher_hf_dir)):
     if path:
       storage.check_reachable(path, what=key)
   for key, spec in (("data.sources", s.data.sources),
@@ -230,6 +320,10 @@ def write_manifest(run: Run, data_fingerprint: str) -> None:
       "device_count": jax.device_count(),
       "data_fingerprint": data_fingerprint,
   }
+  if run.teacher is not None:  # reloaded from its source by every start: record what it was
+    manifest["distill_teacher"] = dict(
+        run.teacher.source.identity(run.teacher.config, run.settings.seed),
+        init=str(run.teacher.source), vocab_size=run.teacher.vocab_size)
   storage.makedirs(run.workdir)
   with storage.atomic_write(storage.join(run.workdir, "manifest.json")) as f:
     json.dump(manifest, f, indent=2, default=str)

@@ -77,12 +77,15 @@ class Objective(Protocol):
   """What a train step minimises, summed over one (micro-)batch's scored tokens.
 
   `frozen` is whatever the run holds fixed beside the trained model (a teacher's parameters
-  for logit distillation; None for SFT), passed to every step on the same mesh.
-  Returns (the sum to differentiate, the NLL sum reported as the loss).
+  for logit distillation, `distill.DistillObjective`; None for SFT), passed to every step on
+  the same mesh.
+  Returns (the sum to differentiate, the sums to report): the NLL sum, reported as `loss`,
+  or a dict of sums holding it under "loss" beside others (distillation's "kl"). The step
+  reports each divided by the global batch's scored tokens.
   """
 
   def __call__(self, model: Transformer, batch: dict, step: jax.Array,
-               frozen: Any) -> tuple[jax.Array, jax.Array]: ...
+               frozen: Any) -> tuple[jax.Array, jax.Array | dict[str, jax.Array]]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,8 +119,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
   objective = objective or SFTObjective(cfg.loss_chunk, cfg.z_loss)
 
   def loss_fn(params, mb, n_scored, step, frozen):
-    total, nll = objective(nnx.merge(graphdef, params), mb, step, frozen)
-    return total / n_scored, nll
+    total, sums = objective(nnx.merge(graphdef, params), mb, step, frozen)
+    return total / n_scored, sums if isinstance(sums, dict) else {"loss": sums}
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -125,7 +128,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
     n_scored = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
     k = cfg.micro_batches
     if k == 1:
-      (_, nll), grads = grad_fn(state.params, batch, n_scored, state.step, frozen)
+      (_, sums), grads = grad_fn(state.params, batch, n_scored, state.step, frozen)
     else:
       # Micro-batch j takes rows j, j+k, ...: every device keeps rows of every micro-batch,
       # so splitting needs no communication.
@@ -135,17 +138,21 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
       micro = jax.tree.map(split, batch)
 
       def accumulate(carry, mb):
-        (_, nll), g = grad_fn(state.params, mb, n_scored, state.step, frozen)
-        return (carry[0] + nll, jax.tree.map(jnp.add, carry[1], g)), None
+        (_, sums), g = grad_fn(state.params, mb, n_scored, state.step, frozen)
+        return jax.tree.map(jnp.add, carry, (sums, g)), None
 
-      zeros = jax.tree.map(jnp.zeros_like, state.params)
-      (nll, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), micro)
+      reported = jax.eval_shape(  # the objective's sums: a scalar, or a dict of them
+          lambda mb: loss_fn(state.params, mb, n_scored, state.step, frozen)[1],
+          jax.tree.map(lambda x: x[0], micro))
+      zeros = (jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), reported),
+               jax.tree.map(jnp.zeros_like, state.params))
+      (sums, grads), _ = jax.lax.scan(accumulate, zeros, micro)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
     real = jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32))  # all but padding
-    return new_state, {"loss": nll / n_scored, "grad_norm": grad_norm,
+    return new_state, {**{k: v / n_scored for k, v in sums.items()}, "grad_norm": grad_norm,
                        "scored_tokens": n_scored, "real_tokens": real,
                        "lr": schedule(state.step)}
 

@@ -9,7 +9,9 @@ activations under the remat policy, one layer's backward, attention, the loss ch
 gathers) and of evaluation (the KV cache of eval.batch_size x eval.samples_at_once rows), the
 peak against the devices' memory less a margin, and, when something does not fit, the first
 settings that do, as --config overrides. The model is `model.preset` (the architecture of
-init.hf_dir) with the config's dtypes, remat and attention. The estimates come from
+init.hf_dir) with the config's dtypes, remat and attention; a distillation teacher
+(distill.teacher_hf_dir or distill.teacher_checkpoint) is read from its config and counted:
+its parameters, hidden states, forward and KL chunk. The estimates come from
 jaxdistill/memory.py, checked against XLA's memory_analysis() of the real train step on CPU
 (tests/test_plan.py); GPU and TPU compilers allocate differently, hence the margin.
 """
@@ -23,7 +25,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxdistill import hardware, memory, settings as settings_lib  # noqa: E402
+from jaxdistill import hardware, memory, settings as settings_lib, startup  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config (configs/<name>.py).",
                                           lock_config=True)
@@ -51,6 +53,9 @@ def report(p: dict) -> str:
       f"{t['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bf16); mesh "
       + " ".join(f"{k}={v}" for k, v in p["mesh"].items()),
       f"budget per device: {_gib(p['budget_bytes']).strip()} ({p['margin']:.0%} margin)"]
+  if p.get("teacher"):
+    lines.insert(1, f"teacher for logit distillation ({p['teacher']['params'] / 1e9:.2f}B "
+                    f"parameters, {p['teacher']['param_dtype']}, frozen)")
   if t["chip"].startswith(("H", "A")):
     lines.append("(JAX takes 75% of GPU memory unless XLA_PYTHON_CLIENT_MEM_FRACTION is raised; "
                  "set it to ~0.95 for this budget to hold)")
@@ -82,8 +87,10 @@ def report(p: dict) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  p = memory.plan(settings_lib.parse(_CONFIG.value), hardware.topology(_TOPOLOGY.value),
-                  _MARGIN.value, _SUGGESTIONS.value, _PROMPT_LEN.value)
+  s = settings_lib.parse(_CONFIG.value)
+  teacher = startup.teacher_source(s)[1] if s.distill.enabled else None
+  p = memory.plan(s, hardware.topology(_TOPOLOGY.value), _MARGIN.value, _SUGGESTIONS.value,
+                  _PROMPT_LEN.value, teacher=teacher)
   print(json.dumps(p, indent=1) if _JSON.value else report(p))
 
 

@@ -191,6 +191,16 @@ class SentencePieceTokenizer(Tokenizer):
     return self._sp.id_to_piece(int(token_id)) if 0 <= token_id < self.vocab_size else None
 
 
+def tokenizer_sha256(tok: Tokenizer) -> str:
+  """Every id's token string and the ids of a fixed text, hashed: a changed vocabulary,
+  merges or normalisation changes it, a moved or re-saved file does not."""
+  vocab = hashlib.sha256()
+  for i in range(tok.vocab_size):
+    vocab.update(f"{tok.id_to_token(i)}\x00".encode("utf-8", "surrogatepass"))
+  vocab.update(json.dumps(tok.encode(_IDENTITY_TEXT)).encode())
+  return vocab.hexdigest()
+
+
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
   """A Hugging Face tokenizer directory or a SentencePiece `.model` file; a gs:// one is read
   from a local copy (`storage`; of a directory, every file but the weights)."""
@@ -352,14 +362,10 @@ class ChatRenderer:
     built-in name, its variables, turn end and scoring rules), "turn_end", "turn_end_id"}.
     """
     tok = self.tokenizer
-    vocab = hashlib.sha256()
-    for i in range(tok.vocab_size):
-      vocab.update(f"{tok.id_to_token(i)}\x00".encode("utf-8", "surrogatepass"))
-    vocab.update(json.dumps(tok.encode(_IDENTITY_TEXT)).encode())
     template = json.dumps([self.template_name, self._source, self._template_vars, self.turn_end,
                            self.score, self.boundary], sort_keys=True, default=str)
     return {"path": os.path.abspath(tok.path), "vocab_size": tok.vocab_size,
-            "tokenizer_sha256": vocab.hexdigest(), "template": self.template_name,
+            "tokenizer_sha256": tokenizer_sha256(tok), "template": self.template_name,
             "template_sha256": hashlib.sha256(template.encode()).hexdigest(),
             "turn_end": self.turn_end, "turn_end_id": self.turn_end_id}
 
