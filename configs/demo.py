@@ -13,10 +13,11 @@ with packing and assistant-only loss, then evaluated greedily and by maj@4 on 40
 problems per family through jaxdistill/evaluate.py. Writes workdir/report.md, summary.json
 and loss.png; running the command again resumes, or reports a finished run.
 
-Measured on this project's 2-core CPU machine (README has the tables): default, 3000 steps,
-8.6 minutes end to end (train 141 ms/step), held-out greedy accuracy 94.2% (add 100%, mul
-100%, lineq 82.5%), untrained 0%. "long" (12000 steps, 40000 traces): 29 minutes, 100% on
-every family.
+Measured on this project's 2-core CPU machines (`lscpu`: AMD EPYC; README has the tables):
+default, 3000 steps, held-out greedy accuracy 93.3% (add 100%, mul 100%, lineq 80%),
+untrained 0%; 12.7 minutes end to end on a box shared with other jobs for half the run
+(quiet steps 167-185 ms; an earlier, faster box: 8.6 minutes at 141 ms/step). 2400 steps
+fall to 81.7%. "long" (12000 steps, 40000 traces): 29 minutes, 100% on every family.
 """
 
 from configs import base
@@ -30,6 +31,9 @@ def get_config():
   c.mesh.shape = (-1, 1, 1, 1)
   c.data.chat_template = "chatml"
   c.data.seq_len = 384
+  # Blockwise attention ("auto" on CPU above 256 tokens) in 128-token blocks: three query
+  # blocks a row, the key blocks above the diagonal skipped.
+  c.model.attention_block = 128
   # 4 rows a step rather than 8: more, smaller steps learned faster here (measured).
   c.train.global_batch_size = 4
   c.train.lr = 2e-3
