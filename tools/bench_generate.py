@@ -36,6 +36,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, ROOT)
+from configs import base as base_config  # noqa: E402
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("hf_dir", None, "Hugging Face directory (weights, config, tokenizer).")
 flags.DEFINE_integer("prompts", 8, "The first N MATH-500 problems.")
@@ -47,8 +50,8 @@ flags.DEFINE_integer("batch_size", 8, "Our sampler's slots (tools/generate.py --
 flags.DEFINE_integer("repeats", 1, "Runs of each side (medians printed).")
 flags.DEFINE_list("roots", [ROOT], "Checkouts whose jaxdistill runs as 'ours', one each.")
 flags.DEFINE_bool("vs_hf", True, "Also time transformers generate.")
-flags.DEFINE_string("instruction", "Please reason step by step, and put your final answer "
-                    "within \\boxed{}.", "Appended to each problem (configs/base.py's).")
+flags.DEFINE_string("instruction", base_config.get_config().eval.instruction,
+                    "Appended to each problem (default: configs/base.py's eval.instruction).")
 flags.DEFINE_string("child", None, "Internal: run one side in this process ('ours' or "
                     "'theirs') on the job file given as the argument.")
 flags.mark_flag_as_required("hf_dir")
