@@ -8,7 +8,8 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  # "train" | "eval" (init weights only) | "train_and_eval" (eval at the end) | "demo" (the
+  # "train" | "eval" (init weights only) | "train_and_eval" (eval at the end) | "distill"
+  # (the init weights as a teacher write verified traces: traces.*) | "demo" (the
   # distillation demo: configs/demo.py)
   c.mode = "train"
   c.seed = 0  # parameter init and data order
@@ -133,6 +134,23 @@ def get_config() -> ml_collections.ConfigDict:
   # Sample again over outputs that other weights or settings produced (a rerun with any of
   # them different is refused otherwise, naming the difference).
   c.eval.restart = False
+
+  # Verified traces from a teacher (mode="distill", jaxdistill/traces.py): init.hf_dir or
+  # init.checkpoint samples every problem with the eval.* sampling settings (temperature,
+  # top_p, top_k, max_new_tokens, batch_size, samples_at_once, seed, instruction, budget
+  # forcing, restart); each response is graded against the reference, kept by the policy and
+  # written as a `messages` dataset (thinking wrapped in data.thinking_open/close).
+  c.traces = ml_collections.ConfigDict()
+  c.traces.problems_file = ""  # JSONL: a problem and its reference answer per line (required)
+  # Renamed fields as "canonical=theirs,..." for id, problem, answer ("" = those names),
+  # e.g. "problem=question,answer=gold". A missing id is the line number.
+  c.traces.fields = ""
+  c.traces.answer_kind = "math"  # how references are graded: "aime" | "amc" | "math"
+  c.traces.num_samples = 4  # responses per problem (eval.samples_at_once must divide it)
+  c.traces.keep = "all"  # "all" correct | "at_most_k" (first k correct) | "shortest" correct
+  c.traces.k = 1  # at_most_k: the most traces kept per problem
+  c.traces.decontaminate = True  # drop problems overlapping the bundled evaluation sets
+  c.traces.output = ""  # output directory ("" = <workdir>/traces)
 
   # The distillation demo (mode="demo", jaxdistill/demo/run.py). Its student is model.*,
   # its training train.*; these settings are the demo's own: data, evaluation, length.

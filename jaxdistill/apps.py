@@ -1,8 +1,9 @@
-"""The applications `main.py` picks by mode: `train`, `eval` and `train_and_eval` (the demo's
-is `demo/run.py`). Each takes typed settings and a workdir."""
+"""The applications `main.py` picks by mode: `train`, `eval`, `train_and_eval` and `distill`
+(the demo's is `demo/run.py`). Each takes typed settings and a workdir."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -10,8 +11,8 @@ import jax
 from flax import nnx
 
 from jaxdistill import checkpoint, distill, evaluate as evaluate_lib, model as model_lib
-from jaxdistill import sharding, startup, train as train_lib
-from jaxdistill.data import builder, chat
+from jaxdistill import sharding, startup, traces, train as train_lib
+from jaxdistill.data import builder, chat, contamination
 from jaxdistill.model_config import ModelConfig
 from jaxdistill.sampler import Sampler
 from jaxdistill.settings import Settings
@@ -74,6 +75,33 @@ def evaluate(s: Settings, workdir: str) -> dict:
   evaluate_lib.check_limits(s.eval, renderer, run.model_config.max_position_embeddings)
   model = startup.load_weights(run.source, run.model_config, run.mesh, s.seed)
   return evaluate_model(s, model, run.mesh, workdir, run.source, renderer)
+
+
+def distill_traces(s: Settings, workdir: str) -> dict | None:
+  """The run's weights (init.hf_dir or init.checkpoint) as a teacher: samples traces.*'s
+  problems with the eval.* sampling settings, keeps the verified responses and writes them
+  as a trace dataset (jaxdistill/traces.py) into traces.output (default workdir/traces);
+  returns its stats (None on processes other than 0). Resumable: a rerun continues the
+  sampling where it stopped. The problems and limits are checked before the weights load."""
+  run = startup.start(s, workdir)
+  s = startup.with_recorded_tokenizer(s, run.source)
+  renderer = make_renderer(s, run.model_config)
+  cfg, out_dir = s.traces, s.traces.output or f"{workdir}/traces"
+  problems = traces.read_problems(cfg.problems_file, cfg.field_map, cfg.answer_kind,
+                                  lambda p: evaluate_lib.user_prompt(p, s.eval.instruction))
+  index = contamination.ContaminationIndex.from_tasks() if cfg.decontaminate else None
+  matches = traces.check_problems(problems, index)
+  clean = [{"id": p.id, "problem": p.problem} for p, m in zip(problems, matches) if not m]
+  evaluate_lib.check_limits(dataclasses.replace(s.eval, limit=0), renderer,
+                            run.model_config.max_position_embeddings,
+                            [evaluate_lib.Task("traces", cfg.answer_kind, tuple(clean))])
+  model = startup.load_weights(run.source, run.model_config, run.mesh, s.seed)
+  provenance = {"weights": run.source.identity(model.config, s.seed),
+                "compute_dtype": s.eval.compute_dtype, "tokenizer": renderer.identity()}
+  shaping = traces.Shaping.for_renderer(renderer, s.eval.think_end, s.data.format_spec)
+  return traces.sample_traces(sampler_for(model, run.mesh, s.eval.compute_dtype), renderer,
+                              s.eval, cfg, problems, matches, out_dir, shaping=shaping,
+                              teacher=str(run.source), provenance=provenance, log=logging.info)
 
 
 def make_renderer(s: Settings, cfg: ModelConfig) -> chat.ChatRenderer:

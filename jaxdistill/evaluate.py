@@ -131,8 +131,12 @@ def write_prompts(task: Task, cfg: EvalConfig, path: str) -> list[dict]:
 def prompt_rows(task: Task, cfg: EvalConfig) -> list[dict]:
   """The task's problems as prompts rows: each problem followed by the instruction."""
   rows = task.problems[:cfg.limit] if cfg.limit else task.problems
-  return [dict(r, prompt=f"{r['problem']}\n{cfg.instruction}" if cfg.instruction
-               else r["problem"]) for r in rows]
+  return [dict(r, prompt=user_prompt(r["problem"], cfg.instruction)) for r in rows]
+
+
+def user_prompt(problem: str, instruction: str) -> str:
+  """The user turn that asks `problem`: the problem, then the instruction ("" = none)."""
+  return f"{problem}\n{instruction}" if instruction else problem
 
 
 def check_limits(cfg: EvalConfig, renderer: chat.ChatRenderer, max_positions: int,
@@ -211,7 +215,7 @@ def evaluate(sampler: Sampler, renderer: chat.ChatRenderer, cfg: EvalConfig, out
       if writer:
         storage.makedirs(task_dir)
         write_prompts(task, cfg, prompts)
-      _barrier(f"prompts of {task.name}")
+      barrier(f"prompts of {task.name}")
       log(f"{task.name}: sampling {cfg.num_samples} per problem (temperature "
           f"{cfg.temperature}, top-p {cfg.top_p}, up to {cfg.max_new_tokens} tokens)")
       generations = storage.join(task_dir, "generations.jsonl")
@@ -306,7 +310,7 @@ def _write_json(value: dict, path: str) -> None:
     json.dump(value, f, indent=2)
 
 
-def _barrier(name: str) -> None:
+def barrier(name: str) -> None:
   """Waits for every process (process 0 has written what the others read next)."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top

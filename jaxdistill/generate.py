@@ -38,18 +38,10 @@ def load_model(init: str, mesh=None, **overrides) -> Transformer:
 
 def read_prompts(path: str) -> list[dict]:
   rows = []
-  with storage.open(path, encoding="utf-8") as f:
-    for i, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{i}: not JSON ({e})") from e
-      if not isinstance(row, dict) or not (isinstance(row.get("prompt"), str)
-                                           or isinstance(row.get("messages"), list)):
-        raise ValueError(f"{path}:{i}: needs a string 'prompt' or a 'messages' list")
-      rows.append(row)
+  for i, row in storage.json_lines(path):
+    if not (isinstance(row.get("prompt"), str) or isinstance(row.get("messages"), list)):
+      raise ValueError(f"{path}:{i}: needs a string 'prompt' or a 'messages' list")
+    rows.append(row)
   return rows
 
 

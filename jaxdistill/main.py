@@ -15,7 +15,7 @@ from jaxdistill import apps, settings, startup
 from jaxdistill.demo import run as demo_run
 
 APPS = {"train": apps.train, "eval": apps.evaluate, "train_and_eval": apps.train_and_eval,
-        "demo": demo_run.main}
+        "distill": apps.distill_traces, "demo": demo_run.main}
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config (configs/<name>.py).",
                                           lock_config=True)

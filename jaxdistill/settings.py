@@ -4,8 +4,8 @@ frozen settings out, every problem reported at once.
 This module and `jaxdistill/main.py` are the only library code that sees a `ConfigDict`;
 everything below them takes the dataclasses here (or the ones they hold: `train.TrainConfig`,
 `optimizer.OptimConfig`, `evaluate.EvalConfig`, `builder.DataSettings`,
-`distill.DistillConfig`). None of them declares a default: configs/base.py is the one home of
-every default (tests/test_layout.py checks).
+`distill.DistillConfig`, `traces.TraceConfig`). None of them declares a default:
+configs/base.py is the one home of every default (tests/test_layout.py checks).
 
 Two stages of checks, each collecting every problem before raising: `parse` checks what the
 config alone decides (names, ranges, divisibility within the config); `check_run` checks it
@@ -20,7 +20,7 @@ import os
 
 import ml_collections
 
-from jaxdistill import evaluate
+from jaxdistill import evaluate, traces as traces_lib
 from jaxdistill.distill import DistillConfig
 from jaxdistill.data import builder, formats
 from jaxdistill import model_config as model_config_lib
@@ -28,7 +28,9 @@ from jaxdistill.model_config import ModelConfig
 from jaxdistill.optimizer import OptimConfig
 from jaxdistill.train import TrainConfig
 
-MODES = ("train", "eval", "train_and_eval", "demo")
+MODES = ("train", "eval", "train_and_eval", "distill", "demo")
+# Modes that only sample: train.* and data.seq_len are not checked against model and mesh.
+SAMPLING_MODES = ("eval", "distill")
 # Architecture fields a run may set on a preset (random init only); 0 keeps the preset's.
 ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
                        "head_dim", "mlp_dim")
@@ -106,6 +108,7 @@ class Settings:
   optim: OptimConfig
   distill: DistillConfig
   eval: evaluate.EvalConfig
+  traces: traces_lib.TraceConfig
   demo: DemoSettings
   compilation_cache_dir: str  # "" = none
   config_json: str  # the whole config, recorded in checkpoints and the manifest
@@ -225,12 +228,21 @@ def parse(c: ml_collections.ConfigDict) -> Settings:
              max_thinking_tokens=e.max_thinking_tokens,
              min_thinking_tokens=e.min_thinking_tokens, wait_text=e.wait_text,
              max_waits=e.max_waits, thinking_budgets=budgets)
+  tr = c.traces
+  trace_cfg = traces_lib.TraceConfig(
+      problems_file=tr.problems_file, field_map=build(traces_lib.parse_fields, tr.fields) or {},
+      answer_kind=tr.answer_kind, num_samples=tr.num_samples, keep=tr.keep, k=tr.k,
+      decontaminate=tr.decontaminate, output=tr.output)
+  problems += trace_cfg.problems(c.mode, e.samples_at_once)
+  if c.mode == "distill" and not (c.init.hf_dir or c.init.checkpoint):
+    problems.append("mode='distill' samples a teacher: set init.hf_dir or init.checkpoint "
+                    "(a random init writes no trace worth keeping)")
   if problems:
     raise ConfigError(problems)
   return Settings(
       mode=c.mode, seed=c.seed, init=InitSettings(c.init.checkpoint, c.init.hf_dir),
       model=model, mesh_shape=tuple(c.mesh.shape), data=data, train=train, optim=optim,
-      distill=distill, eval=ev, demo=demo,
+      distill=distill, eval=ev, traces=trace_cfg, demo=demo,
       compilation_cache_dir=os.path.expanduser(t.compilation_cache_dir)
       if t.compilation_cache_dir else "", config_json=c.to_json_best_effort(sort_keys=True))
 
@@ -282,7 +294,7 @@ def check_run(s: Settings, cfg: ModelConfig, mesh_shape: tuple[int, ...]) -> Non
   data, fsdp, context, tp = mesh_shape
   dp = data * fsdp
   micro = s.train.micro_batches
-  if s.mode != "eval":
+  if s.mode not in SAMPLING_MODES:
     if s.train.global_batch_size % (dp * micro):
       problems.append(
           f"train.global_batch_size={s.train.global_batch_size} is not divisible by data x "

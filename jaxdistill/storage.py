@@ -30,6 +30,7 @@ import contextlib
 import glob as glob_lib
 import hashlib
 import io
+import json
 import os
 import posixpath
 import re
@@ -208,6 +209,23 @@ def move(src: str, dst: str) -> None:
 
 def size(path: str) -> int:
   return int(_fs().info(_checked(path))["size"]) if is_url(path) else os.path.getsize(path)
+
+
+def json_lines(path: str):
+  """(line number, object) for each non-blank line of JSONL `path`; a line that is not a JSON
+  object is an error naming the file and line."""
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{number}: not JSON ({e})") from None
+      if not isinstance(record, dict):
+        raise ValueError(f"{path}:{number}: expected a JSON object, got "
+                         f"{type(record).__name__}")
+      yield number, record
 
 
 def version(path: str) -> str:

@@ -123,25 +123,8 @@ def parse_spec(fields: str, thinking_open: str, thinking_close: str, system_prom
   Raises:
     ValueError: naming each setting that is wrong and what to write instead.
   """
-  problems, field_map, unknown, swapped = [], {}, [], []
-  for entry in (e.strip() for e in fields.split(",") if e.strip()):
-    canonical, eq, theirs = (x.strip() for x in entry.partition("="))
-    if not eq or not canonical or not theirs:
-      problems.append(f"{prefix}fields: {entry!r} is not canonical=theirs (write e.g. "
-                      f"{prefix}fields=question=query,solution=final)")
-    elif canonical not in CANONICAL_FIELDS:
-      unknown.append(canonical)
-      if theirs in CANONICAL_FIELDS:
-        swapped.append(f"{theirs}={canonical}")
-    elif canonical in field_map:
-      problems.append(f"{prefix}fields: {canonical!r} is renamed twice ({field_map[canonical]!r}"
-                      f" and {theirs!r}); keep one")
-    else:
-      field_map[canonical] = theirs
-  if unknown:
-    hint = f" (the canonical name comes first: {','.join(swapped)}?)" if swapped else ""
-    problems.append(f"{prefix}fields: unknown canonical field {', '.join(map(repr, unknown))}"
-                    f"{hint}; the canonical names are {', '.join(CANONICAL_FIELDS)}")
+  field_map, problems = parse_field_map(fields, CANONICAL_FIELDS, key=f"{prefix}fields",
+                                        example="question=query,solution=final")
   if s1k_variant not in S1K_VARIANTS:
     problems.append(f"{prefix}s1k_variant={s1k_variant!r} is not one of {S1K_VARIANTS}")
   if system_prompt and not system_prompt.strip():
@@ -151,6 +134,33 @@ def parse_spec(fields: str, thinking_open: str, thinking_close: str, system_prom
   return FormatSpec(field_map=field_map, thinking_open=thinking_open,
                     thinking_close=thinking_close, system_prompt=system_prompt or None,
                     s1k_variant=s1k_variant)
+
+
+def parse_field_map(fields: str, canonical: Sequence[str], *, key: str, example: str
+                    ) -> tuple[dict[str, str], list[str]]:
+  """Renamed fields written "canonical=theirs,..." as {canonical: theirs}, and the problems
+  found, each naming `key` (the setting, e.g. "data.fields") and what to write instead
+  (`example` is a valid value). Shared by every setting that renames fields: trace formats
+  here, problem and response files in `jaxdistill.traces`."""
+  problems, field_map, unknown, swapped = [], {}, [], []
+  for entry in (e.strip() for e in fields.split(",") if e.strip()):
+    name, eq, theirs = (x.strip() for x in entry.partition("="))
+    if not eq or not name or not theirs:
+      problems.append(f"{key}: {entry!r} is not canonical=theirs (write e.g. {key}={example})")
+    elif name not in canonical:
+      unknown.append(name)
+      if theirs in canonical:
+        swapped.append(f"{theirs}={name}")
+    elif name in field_map:
+      problems.append(f"{key}: {name!r} is renamed twice ({field_map[name]!r} and {theirs!r}); "
+                      "keep one")
+    else:
+      field_map[name] = theirs
+  if unknown:
+    hint = f" (the canonical name comes first: {','.join(swapped)}?)" if swapped else ""
+    problems.append(f"{key}: unknown canonical field {', '.join(map(repr, unknown))}{hint}; "
+                    f"the canonical names are {', '.join(canonical)}")
+  return field_map, problems
 
 
 def detect_format(record: Mapping[str, Any], spec: FormatSpec = DEFAULT_SPEC) -> str:
