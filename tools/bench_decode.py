@@ -10,12 +10,13 @@ prefill and decode phases (`generate(timings=...)`), and transformers generates 
 cache of the prompt made beforehand (a fresh copy each call), so both time N one-token steps
 per row and nothing else. decode tokens/s = batch x N / median seconds. Prints both
 frameworks' decode tokens/s, their ratio, and the share of the memory-bandwidth bound:
-batch x read bandwidth / (bytes of weights + KV cache read per step), with the read
-bandwidth (a large array reduction) measured just before each timed run, so that each run
-is held to the bandwidth of its own moment. Prefill time is printed too. With --hf_dir both
-frameworks load that directory (e.g. SmolLM2-135M from tests/real_model.py) instead of
-random weights of --preset; transformers runs with sdpa attention and as many torch threads
-as cores.
+batch x read bandwidth / bytes a step must read (the weights, less an untied input
+embedding, which is only gathered, plus the KV cache at its mean length:
+benchlib.decode_bytes_per_step), with the read bandwidth (a large array reduction) measured
+just before each timed run, so that each run is held to the bandwidth of its own moment.
+Prefill time is printed too. With --hf_dir both frameworks load that directory (e.g.
+SmolLM2-135M from tests/real_model.py) instead of random weights of --preset; transformers
+runs with sdpa attention and as many torch threads as cores.
 
 With --compile_depths, it measures instead what depth costs the decode step: for each depth,
 a model of the preset's width with that many layers (random weights, no transformers twin),
@@ -38,7 +39,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxdistill import model as model_lib, rules, sampler as sampler_lib  # noqa: E402
@@ -61,45 +61,6 @@ flags.DEFINE_list("compile_depths", [], "Layer counts (e.g. 8,80): time the deco
 flags.DEFINE_integer("unroll", sampler_lib.UNROLL, "Sampler.from_model's unroll.")
 
 
-
-
-class _BandwidthProbe:
-  """Read bandwidth: bytes/s of a reduction over a 4 GiB array, larger than any CPU's
-  last-level cache (a 256 MiB one partly fits in a large server L3) and long enough that a
-  call's launch cost is noise on an accelerator. The array is kept, so the probe can run
-  next to each timed decode: on a shared machine bandwidth drifts by 10% or more within
-  minutes, and a share of the bound is only as good as a reading taken under the same
-  conditions."""
-
-  def __init__(self):
-    self.x = jnp.ones((2**30,), jnp.float32)
-    self.sum = jax.jit(jnp.sum)
-    self.sum(self.x).block_until_ready()
-    self.readings: list[float] = []
-
-  def __call__(self) -> float:
-    gbs = self.x.nbytes / benchlib.median_time(lambda: self.sum(self.x).block_until_ready(),
-                                              3, warmup=0)
-    self.readings.append(gbs)
-    return gbs
-
-
-def _decode_rate(generate, batch: int, probe: _BandwidthProbe, bytes_per_step: float
-                 ) -> tuple[float, float, float]:
-  """(decode tokens/s, share of the bandwidth bound, prefill seconds). `generate(n)` makes n
-  new tokens per row and returns (decode seconds, prefill seconds). Each timed run reads the
-  bandwidth just before it; the share is the median over runs of the run's step rate over
-  the step rate its reading allows (bandwidth / bytes read per step)."""
-  n = FLAGS.new_tokens
-  generate(n)  # compiles
-  runs, shares = [], []
-  for _ in range(FLAGS.repeats):
-    bandwidth = probe()
-    decode, prefill = generate(n)
-    runs.append((decode, prefill))
-    shares.append((n / max(decode, 1e-9)) / (bandwidth / bytes_per_step))
-  return (batch * n / max(float(np.median([d for d, _ in runs])), 1e-9),
-          float(np.median(shares)), float(np.median([p for _, p in runs])))
 
 
 def _compile_and_step(cfg, layers: int) -> tuple[float, float, int]:
@@ -153,9 +114,8 @@ def main(argv):
   else:
     ref, model = benchlib.twin_models(cfg, FLAGS.dtype, device)
   sampler = Sampler.from_model(model, unroll=FLAGS.unroll)
-  probe = _BandwidthProbe()
+  probe = benchlib.BandwidthProbe()
   itemsize = 2 if FLAGS.dtype == "bfloat16" else 4
-  weight_bytes = cfg.num_params() * itemsize
   print(f"model: {FLAGS.hf_dir or FLAGS.preset} ({cfg.num_params() / 1e6:.1f}M params, "
         f"{FLAGS.dtype}), prompt {FLAGS.prompt_len}, {FLAGS.new_tokens} new tokens; "
         f"{jax.devices()[0].device_kind} ({benchlib.cpu_name()}); "
@@ -171,10 +131,10 @@ def main(argv):
       return timings["decode"], timings["prefill"]
 
     cache_len = FLAGS.prompt_len + FLAGS.new_tokens / 2  # on average over the decode
-    kv_bytes = (2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize) * cache_len
-    step_bytes = weight_bytes + b * kv_bytes
+    step_bytes = benchlib.decode_bytes_per_step(cfg, b, cache_len, itemsize)
     first = len(probe.readings)
-    ours_tps, ours_share, prefill = _decode_rate(ours, b, probe, step_bytes)
+    ours_tps, ours_share, prefill = benchlib.decode_rate(ours, b, probe, step_bytes,
+                                                         FLAGS.new_tokens, FLAGS.repeats)
     line = (f"batch {b}: jaxdistill {ours_tps:9.1f} tok/s ({ours_share:.2f} of the bound; "
             f"prefill {prefill:.2f}s)")
     if FLAGS.vs_hf:
@@ -199,7 +159,8 @@ def main(argv):
         sync()
         return time.perf_counter() - start, t_prefill
 
-      theirs_tps, theirs_share, t_prefill = _decode_rate(theirs, b, probe, step_bytes)
+      theirs_tps, theirs_share, t_prefill = benchlib.decode_rate(
+          theirs, b, probe, step_bytes, FLAGS.new_tokens, FLAGS.repeats)
       line += (f" | transformers {theirs_tps:9.1f} tok/s ({theirs_share:.2f}; "
                f"prefill {t_prefill:.2f}s) | ratio {ours_tps / theirs_tps:.2f}x")
     seen = probe.readings[first:]

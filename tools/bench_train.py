@@ -29,17 +29,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
-from jaxdistill import hf, metrics, model as model_lib, sharding, train  # noqa: E402
-from jaxdistill.data import pipeline  # noqa: E402
+from jaxdistill import hf, metrics, model as model_lib, sharding  # noqa: E402
 from jaxdistill.model_config import (ATTENTION_IMPLS, REMAT_POLICIES, ModelConfig,  # noqa: E402
                                      get_preset)
-from jaxdistill.optimizer import make_optimizer, make_schedule  # noqa: E402
 from jaxdistill import settings  # noqa: E402
-from configs import base  # noqa: E402
 import benchlib  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -77,14 +72,6 @@ def _settings():
   return cfg, FLAGS.batch, FLAGS.seq, FLAGS.loss_chunk
 
 
-def _batch(cfg, b, t):
-  tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (b, t + 1)).astype(np.int32)
-  mask = np.ones((b, t), bool)
-  return {"inputs": tokens[:, :t], "targets": tokens[:, 1:], "loss_mask": mask,
-          "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
-          "segment_ids": np.ones((b, t), np.int32)}, tokens
-
-
 def main(argv):
   del argv
   cfg, b, t, chunk = _settings()
@@ -100,29 +87,8 @@ def main(argv):
     if FLAGS.vs_hf:  # exported now: the jitted step donates (deletes) these parameters
       hf_path = os.path.join(tempfile.mkdtemp(), "m")
       hf.save_hf_model(model, hf_path, dtype="float32")
-  defaults = settings.parse(base.get_config())  # every other field at configs/base.py's value
-  optim = dataclasses.replace(defaults.optim, lr=1e-4, total_steps=1000, warmup_ratio=0.0,
-                              weight_decay=0.01, grad_clip=1.0)
-  optimizer = make_optimizer(optim)
-  tcfg = dataclasses.replace(defaults.train, global_batch_size=b, seq_len=t, loss_chunk=chunk)
-  graphdef = nnx.graphdef(model)
-  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  state = train.TrainState(jnp.zeros((), jnp.int32), params, jax.jit(optimizer.init)(params))
-  step_fn = jax.jit(train.make_train_step(graphdef, optimizer, make_schedule(optim), tcfg),
-                    donate_argnums=0)
-  local, tokens = _batch(cfg, b, t)
-  with jax.set_mesh(mesh):
-    batch = pipeline.make_global_batch(local, mesh)
-    for _ in range(2):
-      state, m = step_fn(state, batch)
-      jax.block_until_ready(m)
-    times = []
-    for _ in range(FLAGS.steps):
-      t0 = time.perf_counter()
-      state, m = step_fn(state, batch)
-      jax.block_until_ready(m)
-      times.append(time.perf_counter() - t0)
-  jax_s = float(np.median(times))
+  state, step_fn, batch, tokens = benchlib.train_setup(model, b, t, chunk, mesh)
+  jax_s, state, m = benchlib.time_train_steps(step_fn, state, batch, mesh, FLAGS.steps)
   flops = metrics.train_flops_per_token(cfg, t) * b * t
   peak = metrics.device_peak_flops()
   print(f"model: {FLAGS.hf_dir or FLAGS.config or FLAGS.preset} ({cfg.num_params() / 1e6:.1f}M "

@@ -1,11 +1,17 @@
-"""Shared by the benchmarks: the same random weights in transformers and jaxdistill, and timing."""
+"""Shared by the benchmarks: the same random weights in transformers and jaxdistill, timing,
+the timed train step (tools/bench_train.py, tools/bench_gpu.py) and the decode rate against
+the memory-bandwidth bound (tools/bench_decode.py, tools/bench_gpu.py)."""
 
+import dataclasses
 import platform
 import subprocess
 import tempfile
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxdistill import hf
 from jaxdistill.model_config import ModelConfig
@@ -60,3 +66,126 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
     fn()
     times.append(time.perf_counter() - t0)
   return float(np.median(times))
+
+
+# -- Train step -------------------------------------------------------------------------------
+
+def train_batch(cfg: ModelConfig, b: int, t: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """(one process's batch of `b` full rows of `t` random tokens, every target scored; the
+  tokens [b, t + 1] it was cut from, for a PyTorch twin)."""
+  tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (b, t + 1)).astype(np.int32)
+  mask = np.ones((b, t), bool)
+  return {"inputs": tokens[:, :t], "targets": tokens[:, 1:], "loss_mask": mask,
+          "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+          "segment_ids": np.ones((b, t), np.int32)}, tokens
+
+
+def train_setup(model, b: int, t: int, loss_chunk: int, mesh: jax.sharding.Mesh):
+  """What timing `train.make_train_step` on `model` takes: AdamW (lr 1e-4, weight decay 0.01,
+  global-norm clipping at 1.0), every other setting at configs/base.py's value. State and
+  step are laid out as `train.run` lays them out (explicit in/out shardings, donated state),
+  so the step compiles once, as the trainer's does.
+
+  Returns:
+    (TrainState, the jitted step (state donated), the global batch on `mesh`, the batch's
+    tokens [b, t + 1] as numpy).
+  """
+  # Imported here: the decode benchmarks use this module too and need neither the data
+  # pipeline nor the config stack that these bring in.
+  from configs import base  # pylint: disable=g-import-not-at-top
+  from jaxdistill import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  from jaxdistill import settings, sharding, train  # pylint: disable=g-import-not-at-top
+  from jaxdistill.data import pipeline  # pylint: disable=g-import-not-at-top
+  defaults = settings.parse(base.get_config())
+  optim = dataclasses.replace(defaults.optim, lr=1e-4, total_steps=1000, warmup_ratio=0.0,
+                              weight_decay=0.01, grad_clip=1.0)
+  optimizer = optimizer_lib.make_optimizer(optim)
+  tcfg = dataclasses.replace(defaults.train, global_batch_size=b, seq_len=t,
+                             loss_chunk=loss_chunk)
+  graphdef = nnx.graphdef(model)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  p_shard = sharding.param_shardings(params, mesh)
+  params = jax.tree.map(jax.device_put, params, p_shard)
+  o_shard = sharding.opt_state_shardings(jax.eval_shape(optimizer.init, params), params, mesh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state_shard = train.TrainState(step=replicated, params=p_shard, opt_state=o_shard)
+  state = train.TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), params,
+                           jax.jit(optimizer.init, out_shardings=o_shard)(params))
+  step = train.make_train_step(graphdef, optimizer, optimizer_lib.make_schedule(optim), tcfg)
+  step_fn = jax.jit(step, in_shardings=(state_shard, None), out_shardings=(state_shard, None),
+                    donate_argnums=0)
+  local, tokens = train_batch(model.config, b, t)
+  with jax.set_mesh(mesh):
+    batch = pipeline.make_global_batch(local, mesh)
+  return state, step_fn, batch, tokens
+
+
+def time_train_steps(step_fn, state, batch, mesh: jax.sharding.Mesh, steps: int,
+                     warmup: int = 2):
+  """(median seconds of `steps` steps after `warmup` untimed ones, the state after them, the
+  last step's metrics). Each step is waited for, so a step's time is its own."""
+  with jax.set_mesh(mesh):
+    for _ in range(warmup):
+      state, m = step_fn(state, batch)
+      jax.block_until_ready(m)
+    times = []
+    for _ in range(steps):
+      t0 = time.perf_counter()
+      state, m = step_fn(state, batch)
+      jax.block_until_ready(m)
+      times.append(time.perf_counter() - t0)
+  return float(np.median(times)), state, m
+
+
+# -- Decode -----------------------------------------------------------------------------------
+
+class BandwidthProbe:
+  """Read bandwidth: bytes/s of a reduction over a large array (4 GiB by default: larger than
+  any CPU's last-level cache, since a 256 MiB one partly fits in a large server L3, and long
+  enough that a call's launch cost is noise on an accelerator). The array is kept, so the
+  probe can run next to each timed decode: on a shared machine bandwidth drifts by 10% or
+  more within minutes, and a share of the bound is only as good as a reading taken under the
+  same conditions."""
+
+  def __init__(self, nbytes: int = 2**32):
+    self.x = jnp.ones((nbytes // 4,), jnp.float32)
+    self.sum = jax.jit(jnp.sum)
+    self.sum(self.x).block_until_ready()
+    self.readings: list[float] = []
+
+  def __call__(self) -> float:
+    gbs = self.x.nbytes / median_time(lambda: self.sum(self.x).block_until_ready(), 3,
+                                      warmup=0)
+    self.readings.append(gbs)
+    return gbs
+
+
+def decode_bytes_per_step(cfg: ModelConfig, batch: int, cache_len: float, itemsize: int
+                          ) -> float:
+  """Bytes one decode step must read at least: every weight once (an untied input embedding
+  is only gathered, `batch` rows of it, so it is left out; a tied one is read whole as the
+  output head) plus each row's keys and values over `cache_len` positions."""
+  weights = cfg.num_params() - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)
+  kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * cache_len
+  return (weights + batch * kv) * itemsize
+
+
+def decode_rate(generate, batch: int, probe: BandwidthProbe, bytes_per_step: float,
+                new_tokens: int, repeats: int) -> tuple[float, float, float]:
+  """(decode tokens/s, share of the bandwidth bound, prefill seconds).
+
+  `generate(n)` makes n new tokens per row and returns (decode seconds, prefill seconds); one
+  untimed call compiles. Each of `repeats` timed runs reads the bandwidth just before it;
+  the share is the median over runs of the run's step rate over the step rate its reading
+  allows (bandwidth / bytes read per step).
+  """
+  n = new_tokens
+  generate(n)  # compiles
+  runs, shares = [], []
+  for _ in range(repeats):
+    bandwidth = probe()
+    decode, prefill = generate(n)
+    runs.append((decode, prefill))
+    shares.append((n / max(decode, 1e-9)) / (bandwidth / bytes_per_step))
+  return (batch * n / max(float(np.median([d for d, _ in runs])), 1e-9),
+          float(np.median(shares)), float(np.median([p for _, p in runs])))
