@@ -155,11 +155,15 @@ def get_config() -> ml_collections.ConfigDict:
   # The distillation demo (mode="demo", jaxdistill/demo/run.py). Its student is model.*,
   # its training train.*; these settings are the demo's own: data, evaluation, length.
   c.demo = ml_collections.ConfigDict()
-  c.demo.preset = "default"  # "default" | "long": training length, below
-  c.demo.num_traces = 0  # training traces; 0 = the preset's
+  # "default" | "long": training length, below; "distill": a default-preset run as the
+  # teacher of a smaller student (demo.teacher_workdir, demo.student)
+  c.demo.preset = "default"
+  c.demo.num_traces = 0  # training traces (distill: fresh problems sampled); 0 = the preset's
   c.demo.presets = ml_collections.ConfigDict({
       "default": {"num_steps": 3000, "num_traces": 12000},
       "long": {"num_steps": 12000, "num_traces": 40000},
+      # the students' steps; the fresh problems the teacher samples (traces.num_samples each)
+      "distill": {"num_steps": 4000, "num_traces": 8000},
   })
   c.demo.families = "add,mul,lineq"  # comma-separated teacher families (demo/teacher.py)
   c.demo.eval_per_family = 40  # held-out problems per family
@@ -172,4 +176,19 @@ def get_config() -> ml_collections.ConfigDict:
   c.demo.maj_temperature = 0.7
   c.demo.maj_top_p = 0.95
   c.demo.untrained = True  # also score the randomly initialised student (greedy)
+  # The distill preset (jaxdistill/demo/distill.py). The teacher samples with eval.temperature,
+  # eval.top_p, eval.top_k and eval.seed, traces.num_samples per problem, kept by traces.keep
+  # and traces.k; the lengths and sampler batch are demo.max_new_tokens and eval_batch_size.
+  c.demo.teacher_workdir = ""  # a default-preset demo run ("" = <workdir>/teacher, made first)
+  # The students, the distilled one and the control: a preset with at most half the teacher's
+  # parameters; > 0 replaces the preset's field, as model.* does (vocab 0 = the tokenizer's).
+  c.demo.student = ml_collections.ConfigDict()
+  c.demo.student.preset = "demo_student_small"
+  c.demo.student.vocab_size = 0
+  c.demo.student.d_model = 0
+  c.demo.student.num_layers = 0
+  c.demo.student.num_heads = 0
+  c.demo.student.num_kv_heads = 0
+  c.demo.student.head_dim = 0
+  c.demo.student.mlp_dim = 0
   return c

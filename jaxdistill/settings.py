@@ -77,10 +77,11 @@ class ModelSettings:
 
 @dataclasses.dataclass(frozen=True)
 class DemoSettings:
-  """The distillation demo (`mode="demo"`, jaxdistill/demo/run.py)."""
-  preset: str  # "default" | "long": its training length
-  num_steps: int  # optimizer steps (train.num_steps, or the preset's)
-  num_traces: int  # training traces (demo.num_traces, or the preset's)
+  """The distillation demo (`mode="demo"`, jaxdistill/demo/run.py; the distill preset's
+  fields: jaxdistill/demo/distill.py)."""
+  preset: str  # "default" | "long": its training length; "distill": model to model
+  num_steps: int  # optimizer steps (train.num_steps or the preset's); distill: the students'
+  num_traces: int  # training traces (demo.num_traces or the preset's); distill: problems
   families: tuple[str, ...]
   eval_per_family: int
   data_seed: int
@@ -92,6 +93,10 @@ class DemoSettings:
   maj_temperature: float
   maj_top_p: float
   untrained: bool
+  teacher_workdir: str  # distill: the teacher's default-preset run ("" = <workdir>/teacher)
+  teacher_num_steps: int  # distill: the default preset's lengths, for a teacher made here
+  teacher_num_traces: int
+  student: ModelSettings  # distill: the students (preset and architecture; numerics: model.*)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +186,7 @@ def parse(c: ml_collections.ConfigDict) -> Settings:
       workers=c.data.workers, prefetch=c.data.prefetch, strict=c.data.strict,
       num_epochs=c.train.num_epochs)
   t = c.train
-  demo = _demo(c, problems)
+  demo = _demo(c, model, problems)
   num_steps = demo.num_steps if c.mode == "demo" and demo else t.num_steps
   if num_steps <= 0 and (int(t.num_epochs) != t.num_epochs or t.num_epochs < 1):
     problems.append(f"train.num_epochs={t.num_epochs} must be a whole number >= 1 when "
@@ -271,12 +276,25 @@ def _model_problems(m: ModelSettings) -> list[str]:
   return problems
 
 
-def _demo(c: ml_collections.ConfigDict, problems: list[str]) -> DemoSettings | None:
+def _demo(c: ml_collections.ConfigDict, model: ModelSettings, problems: list[str]
+          ) -> DemoSettings | None:
   d = c.demo
   if d.preset not in d.presets:
     problems.append(f"demo.preset={d.preset!r} is not one of {sorted(d.presets)}")
     return None
   preset = d.presets[d.preset]
+  st = d.student
+  student = dataclasses.replace(model, preset=st.preset, architecture=tuple(
+      (f, int(st[f])) for f in ARCHITECTURE_FIELDS if st[f]))
+  if d.preset == "distill":
+    if st.preset not in model_config_lib.PRESETS:
+      problems.append(f"demo.student.preset={st.preset!r} is not one of "
+                      f"{sorted(model_config_lib.PRESETS)}")
+    elif student.architecture:
+      try:
+        student.preset_config()
+      except ValueError as e:
+        problems.append(f"demo.student.* on preset {st.preset!r}: {e}")
   return DemoSettings(
       preset=d.preset, num_steps=c.train.num_steps or preset.num_steps,
       num_traces=d.num_traces or preset.num_traces,
@@ -284,7 +302,9 @@ def _demo(c: ml_collections.ConfigDict, problems: list[str]) -> DemoSettings | N
       eval_per_family=d.eval_per_family, data_seed=d.data_seed, vocab_size=d.vocab_size,
       max_new_tokens=d.max_new_tokens, eval_batch_size=d.eval_batch_size, maj_k=d.maj_k,
       maj_per_family=d.maj_per_family, maj_temperature=d.maj_temperature,
-      maj_top_p=d.maj_top_p, untrained=d.untrained)
+      maj_top_p=d.maj_top_p, untrained=d.untrained, teacher_workdir=d.teacher_workdir,
+      teacher_num_steps=d.presets.default.num_steps,
+      teacher_num_traces=d.presets.default.num_traces, student=student)
 
 
 def check_run(s: Settings, cfg: ModelConfig, mesh_shape: tuple[int, ...]) -> None:

@@ -9,6 +9,7 @@ import re
 import pytest
 
 from jaxdistill.demo import teacher
+from tests import xla
 from jaxdistill.eval import grade as grade_lib
 
 
@@ -73,14 +74,13 @@ def _well_formed(rows):
   return sum(r["reason"][0] in ("correct", "wrong") for r in rows) / len(rows)
 
 
-def test_demo_end_to_end(tmp_path):
-  # About a minute on 2 cores: 2-digit additions, a 2-layer d_model-64 student, 1000 steps of
-  # 8 rows. Rows of 240 tokens hold one trace each with little padding (the longest rendered
-  # add2 trace is 232 tokens). The copies are learnt by step ~500, the digit sums after;
-  # 800 steps left 38-69% held-out greedy accuracy over seeds 0-2 (seed = data_seed), 1000
-  # steps 88-100% over seeds 0-3, hence the 50-point margin asserted.
+def _add2_config():
+  """About a minute on 2 cores: 2-digit additions, a 2-layer d_model-64 student, 1000 steps
+  of 8 rows. Rows of 240 tokens hold one trace each with little padding (the longest
+  rendered add2 trace is 232 tokens). The copies are learnt by step ~500, the digit sums
+  after; 800 steps left 38-69% held-out greedy accuracy over seeds 0-2 (seed = data_seed),
+  1000 steps 88-100% over seeds 0-3, hence the 50-point margin asserted."""
   from configs import demo as demo_config
-  from jaxdistill import main as main_lib
   c = demo_config.get_config()
   c.demo.families = "add2"
   c.train.num_steps = 1000
@@ -100,9 +100,22 @@ def test_demo_end_to_end(tmp_path):
   c.train.lr = 3e-3
   c.train.global_batch_size = 8  # conftest's 8 CPU devices are the data axis
   c.train.checkpoint_every = 1000  # one save, at the end
-  workdir = str(tmp_path / "demo")
-  summary = main_lib.run(c, workdir)
+  return c
 
+
+@pytest.fixture(scope="module")
+def add2_demo(tmp_path_factory):
+  """The add2 demo run: (config, workdir, summary); the distill test's teacher."""
+  from jaxdistill import main as main_lib
+  c = _add2_config()
+  workdir = str(tmp_path_factory.mktemp("add2") / "demo")
+  with xla.optimized():  # 1000 training steps and sampling repay a full compile
+    return c, workdir, main_lib.run(c, workdir)
+
+
+def test_demo_end_to_end(add2_demo):
+  from jaxdistill import main as main_lib
+  c, workdir, summary = add2_demo
   untrained, trained = (summary[k]["overall"] for k in ("untrained_accuracy", "greedy_accuracy"))
   assert untrained == 0.0
   assert trained >= untrained + 0.5, summary["greedy_accuracy"]
@@ -129,3 +142,67 @@ def test_demo_end_to_end(tmp_path):
   assert "| add2 |" in report and "| overall |" in report
   # A second call reports the finished run instead of training again.
   assert main_lib.run(c, workdir) == on_disk
+
+
+def test_demo_distill(add2_demo, tmp_path):
+  # The add2 run above is the teacher (about 90% held-out greedy); it answers 32 fresh
+  # problems, and two 35k-parameter students (a quarter of the teacher) take 30 steps each:
+  # enough to check the plumbing, not to learn (the full preset's ratio is in the README).
+  from jaxdistill import main as main_lib
+  from jaxdistill.demo import distill
+  base, teacher_dir, teacher_summary = add2_demo
+  c = base.copy_and_resolve_references()
+  c.demo.preset = "distill"
+  c.demo.teacher_workdir = teacher_dir
+  c.demo.num_traces = 32
+  c.train.num_steps = c.train.checkpoint_every = 30
+  c.demo.student.preset = "demo_student"  # 0.9M parameters: more than the teacher's 140k
+  with pytest.raises(ValueError, match="at most half the teacher's 139,968"):
+    main_lib.run(c, str(tmp_path / "too_big"))
+  c.demo.student.update(d_model=32, num_layers=2, num_kv_heads=2, mlp_dim=64)
+  workdir = str(tmp_path / "distill")
+  summary = main_lib.run(c, workdir)
+
+  def read(*path):
+    return teacher.read_jsonl(os.path.join(workdir, *path))
+  # Fresh problems, never held out; the kept traces are the teacher's graded-correct answers.
+  problems = {r["id"]: r for r in read("data", "problems.jsonl")}
+  held = teacher.read_jsonl(os.path.join(teacher_dir, "data", "heldout.jsonl"))
+  assert len(problems) == 32 and not ({teacher.key_of(r) for r in problems.values()} &
+                                      {teacher.key_of(r) for r in held})
+  correct = {(r["id"], j) for r in read("traces", "generations.jsonl")
+             for j, text in enumerate(r["response"])
+             if grade_lib.grade(text, problems[r["id"]]["answer"], "amc").correct}
+  kept = read("traces", "traces.jsonl")
+  t = summary["traces"]
+  assert {(r["id"], r["provenance"]["sample"]) for r in kept} <= correct
+  assert len(correct) - len(kept) == sum(t["dropped"][k] for k in ("several_answers",
+                                                                   "stop_token_inside"))
+  assert 0 < t["kept"] == len(kept) and t["acceptance"] == pytest.approx(len(kept) / 32, 1e-5)
+  assert all(r["messages"][1]["content"].startswith("<think>\n") for r in kept)
+  # The control learns from the programmatic traces of exactly the kept problems.
+  control = read("data", "control.jsonl")
+  assert [r["messages"][0]["content"] for r in control] == [
+      r["messages"][0]["content"] for r in kept]
+  assert all(f"\\boxed{{{problems[r['id']]['answer']}}}" in r["messages"][1]["content"]
+             for r in control)
+  # Teacher, student and control on the teacher's held-out problems; the students at most
+  # half the teacher's size, trained the same steps on the same number of traces.
+  assert summary["teacher"]["greedy_accuracy"] == teacher_summary["greedy_accuracy"]
+  assert 2 * summary["student"]["num_params"] <= summary["teacher"]["num_params"] == 139_968
+  for role in ("student", "control"):
+    assert summary[role]["steps"] == 30 and summary[role]["num_traces"] == len(kept)
+    assert set(summary[role]["greedy_accuracy"]) == {"overall", "add2"}
+    assert summary[role]["maj_accuracy"] is not None
+    assert len(read("demo", role, "heldout", "graded.jsonl")) == 16
+  assert summary["student_to_teacher_greedy"] == pytest.approx(
+      summary["student"]["greedy_accuracy"]["overall"] /
+      teacher_summary["greedy_accuracy"]["overall"])
+  assert summary["wall_times_s"]["sample_traces"] > 0 and "teacher" not in summary["wall_times_s"]
+  report = open(os.path.join(workdir, "report.md")).read()
+  assert report == distill.report(summary)
+  for row in ("| teacher | 139,968 |", "| student |", "| control |", "| add2 | 32 |"):
+    assert row in report, row
+  # A second call reports the finished run instead of training again.
+  with open(os.path.join(workdir, "summary.json")) as f:
+    assert main_lib.run(c, workdir) == json.load(f) == summary

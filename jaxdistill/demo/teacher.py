@@ -20,7 +20,8 @@ Families, easiest first:
     default preset (issue #6).
 
 The held-out problems are drawn first, from their own stream; training problems are drawn
-after and any problem whose key is held out is rejected, so the two never overlap.
+after and any problem whose key is held out is rejected, so the two never overlap. The
+distill preset's fresh problems come from a third stream, with the same rejection.
 """
 
 from __future__ import annotations
@@ -256,6 +257,23 @@ def training(families: Sequence[str], num: int, seed: int, exclude: set[tuple]) 
       continue
     out.append({"messages": trace(key, slip=rng.random() < SLIP_RATE)})
   return out
+
+
+def fresh_problems(families: Sequence[str], num: int, seed: int, exclude: set[tuple]
+                   ) -> list[dict]:
+  """`num` problems for a trained teacher to answer (the distill preset), as `held_out`'s
+  rows: families in turn, drawn like `training`'s problems (repeats included) from a stream of
+  their own, none of whose keys is in `exclude` (the held-out ones)."""
+  rng = random.Random(f"fresh-{seed}")
+  rows = []
+  while len(rows) < num:
+    family = families[len(rows) % len(families)]
+    key = draw(family, rng)
+    if key in exclude:
+      continue
+    rows.append({"id": f"{family}-{len(rows)}", "problem": problem_text(key),
+                 "answer": str(answer(key)), "family": family, "key": list(key)})
+  return rows
 
 
 def key_of(row: dict) -> tuple:
