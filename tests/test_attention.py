@@ -178,6 +178,7 @@ def test_remat_policies_give_the_same_values_and_gradients():
       np.testing.assert_allclose(got[name], want[name], atol=1e-6, err_msg=f"{name} {remat}")
 
 
+@pytest.mark.optimized
 def test_32k_token_packed_row_trains_in_bounded_memory():
   """One 32,768-token packed row (four traces and padding) trains on a tiny model; dense attention's
   scores alone would need 4 x 32768^2 x 4 B = 16 GiB a layer."""

@@ -16,6 +16,7 @@ from ml_collections import config_flags
 
 from jaxdistill import main as main_lib, optimizer as optimizer_lib, settings, sharding, startup
 from jaxdistill import train
+from tests import xla
 from tests.trees import assert_trees_close, checkpoint_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,8 +59,9 @@ def _wait_for_checkpoint(workdir, step, proc, timeout=240):
 def uninterrupted(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("full"))
   traces = os.path.join(ROOT, "jaxdistill", "assets", "tiny_traces.jsonl")
-  r = _run(workdir, *SHORT, f"--config.data.validation_sources={traces}",
-           "--config.train.eval_every=20", "--config.train.eval_batches=2")
+  with xla.optimized():  # 40 steps repay a full compile
+    r = _run(workdir, *SHORT, f"--config.data.validation_sources={traces}",
+             "--config.train.eval_every=20", "--config.train.eval_batches=2")
   return workdir, r
 
 
@@ -85,6 +87,7 @@ def test_tiny_config_trains_and_loss_falls(uninterrupted):
   assert "resumed from" in again.stderr and "(step 40 of 40)" in again.stderr
 
 
+@pytest.mark.optimized
 def test_kill_9_then_rerun_equals_uninterrupted(uninterrupted, tmp_path):
   full_dir, _ = uninterrupted
   workdir = str(tmp_path)
@@ -99,6 +102,7 @@ def test_kill_9_then_rerun_equals_uninterrupted(uninterrupted, tmp_path):
   assert_trees_close(checkpoint_params(workdir, 40), checkpoint_params(full_dir, 40))
 
 
+@pytest.mark.optimized
 def test_sigterm_checkpoints_and_exits_zero(tmp_path):
   workdir = str(tmp_path)
   proc = subprocess.Popen(_cmd(workdir, *SHORT), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,

@@ -13,6 +13,7 @@ import sys
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 import transformers
 
@@ -154,6 +155,7 @@ def test_generate_tool_greedy_equals_transformers_generate(smollm2_dir, tmp_path
   assert 0 < stopped < len(CHATS)  # both ways of ending are exercised
 
 
+@pytest.mark.optimized
 def test_sft_from_hf_dir_then_export_loads_in_transformers(smollm2_dir, tmp_path):
   """A short SFT through the main job from `init.hf_dir`, on the model's own template, then
   export: transformers loads the export and computes the trained parameters' logits."""
@@ -167,14 +169,14 @@ def test_sft_from_hf_dir_then_export_loads_in_transformers(smollm2_dir, tmp_path
        f"--config.data.tokenizer={smollm2_dir}", "--config.data.chat_template=tokenizer",
        f"--config.data.sources={traces}", "--config.mesh.shape=(1,2,1,1)",
        "--config.data.seq_len=288", "--config.train.loss_chunk=288",
-       "--config.train.global_batch_size=2", "--config.train.num_steps=2",
+       "--config.train.global_batch_size=2", "--config.train.num_steps=1",
        "--config.train.lr=1e-4", "--config.train.warmup_ratio=0.0",
-       "--config.train.log_every=1", "--config.train.checkpoint_every=2"],
+       "--config.train.log_every=1", "--config.train.checkpoint_every=1"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
   assert r.returncode == 0, r.stderr[-4000:]
   assert f"init.hf_dir={smollm2_dir}" in r.stderr
   losses = [json.loads(x)["loss"] for x in open(workdir / "metrics.jsonl") if '"loss"' in x]
-  assert len(losses) == 2 and all(np.isfinite(losses)) and losses[0] < 3.0, losses
+  assert len(losses) == 1 and np.isfinite(losses[0]) and losses[0] < 3.0, losses
   r = subprocess.run(
       [sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"),
        f"--from_orbax={workdir}", f"--to_hf={export}", f"--tokenizer={smollm2_dir}"],
