@@ -173,7 +173,7 @@ CASES = [
     ("text-name-anagram", f"{B}{{Evylen}}", "\\text{Evelyn}", "math", None, "wrong"),
     ("choice-with-value", f"{B}{{\\textbf{{(C)}}\\ 12}}", "\\text{(C)}", "math", None, "correct"),
     ("choice-other", f"{B}{{(B)}}", "\\text{(C)}", "math", None, "wrong"),
-    # --- MATH: answers that are not mathematics (issue #15 item 5; `normalize_text`) ----------
+    # --- MATH: answers that are not mathematics (`normalize_text`) ----------
     ("clock-split-text", f"{B}{{9:00 \\text{{ a.m.}}}}", "\\text{9:00 a.m.}", "math", None,
      "correct"),
     ("clock-whole-text", f"{B}{{\\text{{9:00 a.m.}}}}", "9:00 \\text{ a.m.}", "math", None,

@@ -1,4 +1,4 @@
-"""One-GPU benchmark: issue #18's training-MFU and decode figures in one run, one table.
+"""One-GPU benchmark: the training-MFU and decode figures in one run, one table.
 
   tools/bench_gpu.sh --out=DIR              # one H100/H200: every figure, within 8 minutes
   python tools/bench_gpu.py --smoke --out=DIR   # CPU: the same code at tiny shapes, seconds
@@ -77,7 +77,7 @@ class Figure:
   preset: str  # model_config.PRESETS name: the shapes, with random weights
   batch: int  # rows
   tokens: int  # train: tokens per row; decode: prompt tokens
-  target: float  # the value issue #18 asks for, at least
+  target: float  # the least value the figure should reach
 
 
 FIGURES = (

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-GPU benchmark (issue #18): tools/bench_gpu.py with the environment it needs on a bare
+# One-GPU benchmark: tools/bench_gpu.py with the environment it needs on a bare
 # GPU image. Run from anywhere; it works in the repository root.
 #
 #   tools/bench_gpu.sh --out=DIR               # one H100/H200: every figure, under 8 minutes

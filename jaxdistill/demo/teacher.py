@@ -17,7 +17,7 @@ Families, easiest first:
     (10 - b) + u, a one-digit sum meaning a borrow from the rest); dividing by a counts
     1*a, 2*a, ... (from 10*a when x >= 10), each product set beside the target, so the stop
     compares neighbours. One-shot "c - b = d" and "d / a = x" steps left lineq at 50% on the
-    default preset (issue #6).
+    default preset.
 
 The held-out problems are drawn first, from their own stream; training problems are drawn
 after and any problem whose key is held out is rejected, so the two never overlap. The
