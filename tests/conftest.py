@@ -38,10 +38,11 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 
 # Test files that take longest (seconds on 2 cores, measured by `--durations=0`). The two
-# workers take files in collection order as they free up, so the longest go first and the
-# short ones fill in at the end rather than one long file running alone at the end.
-_LONGEST_FIRST = ("test_main.py", "test_launch.py", "test_real_model.py", "test_demo.py",
-                  "test_attention.py", "test_sampler.py", "test_train.py", "test_evaluate.py",
+# workers take files in collection order as they free up (`--no-loadscope-reorder`), so the
+# longest go first and the short ones fill in at the end rather than one long file running
+# alone at the end.
+_LONGEST_FIRST = ("test_demo.py", "test_main.py", "test_launch.py", "test_attention.py",
+                  "test_sampler.py", "test_real_model.py", "test_train.py", "test_evaluate.py",
                   "test_plan.py", "test_distill.py", "test_prepare.py", "test_remote_paths.py",
                   "test_bench_gpu.py", "test_model.py", "test_hf.py", "test_sharding.py",
                   "test_contamination.py", "test_grading.py", "test_pipeline.py",
