@@ -176,6 +176,41 @@ def abstract_params(cfg: ModelConfig):
   return nnx.to_pure_dict(state)
 
 
+@dataclasses.dataclass(frozen=True)
+class StateLayout:
+  """Where a train state lives on the mesh: parameters by the sharding table, optimizer state
+  beside its parameters, the step replicated; with the abstract trees a restore needs."""
+  abs_params: dict
+  abs_opt: Any
+  shardings: TrainState  # a NamedSharding for each leaf
+
+  @classmethod
+  def of(cls, model_cfg: ModelConfig, optimizer: optax.GradientTransformation,
+         mesh) -> StateLayout:
+    abs_params = abstract_params(model_cfg)
+    abs_opt = jax.eval_shape(optimizer.init, abs_params)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return cls(abs_params, abs_opt, TrainState(
+        step=replicated, params=sharding.param_shardings(abs_params, mesh),
+        opt_state=sharding.opt_state_shardings(abs_opt, abs_params, mesh)))
+
+  def placed(self, step: int, params, opt_state) -> TrainState:
+    return TrainState(jax.device_put(jnp.asarray(step, jnp.int32), self.shardings.step),
+                      params, opt_state)
+
+  def fresh(self, params: dict, optimizer: optax.GradientTransformation) -> TrainState:
+    """Step 0: `params` placed on the mesh and the optimizer state initialised there."""
+    params = jax.tree.map(jax.device_put, params, self.shardings.params)
+    opt_state = jax.jit(optimizer.init, out_shardings=self.shardings.opt_state)(params)
+    return self.placed(0, params, opt_state)
+
+  def jit(self, train_step: Callable) -> Callable:
+    """`make_train_step`'s step compiled for this layout (state donated); called as
+    step(state, batch, frozen)."""
+    return jax.jit(train_step, in_shardings=(self.shardings, None, None),
+                   out_shardings=(self.shardings, None), donate_argnums=0)
+
+
 def with_shardings(abstract, shardings):
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       abstract, shardings)
@@ -249,35 +284,25 @@ def run(model: Transformer | None, model_cfg: ModelConfig, optim_cfg: OptimConfi
   """
   optimizer = make_optimizer(optim_cfg)
   graphdef = nnx.graphdef(abstract_model(model_cfg))
-  abs_params = abstract_params(model_cfg)
-  p_shard = sharding.param_shardings(abs_params, mesh)
-  abs_opt = jax.eval_shape(optimizer.init, abs_params)
-  o_shard = sharding.opt_state_shardings(abs_opt, abs_params, mesh)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  state_shard = TrainState(step=replicated, params=p_shard, opt_state=o_shard)
+  layout = StateLayout.of(model_cfg, optimizer, mesh)
+  p_shard = layout.shardings.params
 
   ckpt = TrainCheckpointer(workdir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints)
-  restored = ckpt.restore_latest(with_shardings(abs_params, p_shard),
-                                 with_shardings(abs_opt, o_shard))
+  restored = ckpt.restore_latest(with_shardings(layout.abs_params, p_shard),
+                                 with_shardings(layout.abs_opt, layout.shardings.opt_state))
   if restored is not None:
     step, params, opt_state, data_state = restored
     data.set_state(data_state)
-    state = TrainState(jax.device_put(jnp.asarray(step, jnp.int32), replicated), params,
-                       opt_state)
+    state = layout.placed(step, params, opt_state)
     log(f"resumed from {ckpt.root}/{step} (step {step} of {cfg.num_steps})")
   else:
     if model is None:
       raise ValueError(f"nothing to resume in {workdir} and no initial model given")
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    params = jax.tree.map(lambda x, s: jax.device_put(x, s), params, p_shard)
-    opt_state = jax.jit(optimizer.init, out_shardings=o_shard)(params)
-    state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), params, opt_state)
+    state = layout.fresh(nnx.to_pure_dict(nnx.state(model, nnx.Param)), optimizer)
     step = 0
 
-  train_step = jax.jit(
-      make_train_step(graphdef, optimizer, make_schedule(optim_cfg), cfg, objective),
-      in_shardings=(state_shard, None, None), out_shardings=(state_shard, None),
-      donate_argnums=0)
+  train_step = layout.jit(
+      make_train_step(graphdef, optimizer, make_schedule(optim_cfg), cfg, objective))
   eval_step = jax.jit(make_eval_step(graphdef, cfg), in_shardings=(p_shard, None))
   writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0)
   tokens_per_step = cfg.global_batch_size * cfg.seq_len

@@ -83,8 +83,8 @@ def train_batch(cfg: ModelConfig, b: int, t: int) -> tuple[dict[str, np.ndarray]
 def train_setup(model, b: int, t: int, loss_chunk: int, mesh: jax.sharding.Mesh):
   """What timing `train.make_train_step` on `model` takes: AdamW (lr 1e-4, weight decay 0.01,
   global-norm clipping at 1.0), every other setting at configs/base.py's value. State and
-  step are laid out as `train.run` lays them out (explicit in/out shardings, donated state),
-  so the step compiles once, as the trainer's does.
+  step are laid out by `train.StateLayout`, as `train.run` lays them out, so the step
+  compiles once, as the trainer's does.
 
   Returns:
     (TrainState, the jitted step (state donated), the global batch on `mesh`, the batch's
@@ -94,7 +94,7 @@ def train_setup(model, b: int, t: int, loss_chunk: int, mesh: jax.sharding.Mesh)
   # pipeline nor the config stack that these bring in.
   from configs import base  # pylint: disable=g-import-not-at-top
   from jaxdistill import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
-  from jaxdistill import settings, sharding, train  # pylint: disable=g-import-not-at-top
+  from jaxdistill import settings, train  # pylint: disable=g-import-not-at-top
   from jaxdistill.data import pipeline  # pylint: disable=g-import-not-at-top
   defaults = settings.parse(base.get_config())
   optim = dataclasses.replace(defaults.optim, lr=1e-4, total_steps=1000, warmup_ratio=0.0,
@@ -102,18 +102,11 @@ def train_setup(model, b: int, t: int, loss_chunk: int, mesh: jax.sharding.Mesh)
   optimizer = optimizer_lib.make_optimizer(optim)
   tcfg = dataclasses.replace(defaults.train, global_batch_size=b, seq_len=t,
                              loss_chunk=loss_chunk)
-  graphdef = nnx.graphdef(model)
-  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  p_shard = sharding.param_shardings(params, mesh)
-  params = jax.tree.map(jax.device_put, params, p_shard)
-  o_shard = sharding.opt_state_shardings(jax.eval_shape(optimizer.init, params), params, mesh)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  state_shard = train.TrainState(step=replicated, params=p_shard, opt_state=o_shard)
-  state = train.TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), params,
-                           jax.jit(optimizer.init, out_shardings=o_shard)(params))
-  step = train.make_train_step(graphdef, optimizer, optimizer_lib.make_schedule(optim), tcfg)
-  step_fn = jax.jit(step, in_shardings=(state_shard, None), out_shardings=(state_shard, None),
-                    donate_argnums=0)
+  layout = train.StateLayout.of(model.config, optimizer, mesh)
+  state = layout.fresh(nnx.to_pure_dict(nnx.state(model, nnx.Param)), optimizer)
+  jitted = layout.jit(train.make_train_step(nnx.graphdef(model), optimizer,
+                                            optimizer_lib.make_schedule(optim), tcfg))
+  step_fn = lambda state, batch: jitted(state, batch, None)  # nothing frozen
   local, tokens = train_batch(model.config, b, t)
   with jax.set_mesh(mesh):
     batch = pipeline.make_global_batch(local, mesh)
