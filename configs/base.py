@@ -29,6 +29,9 @@ def get_config() -> ml_collections.ConfigDict:
   # "blockwise" | "pallas_gpu" | "splash"; see jaxdistill/attention.py.
   c.model.attention = "auto"
   c.model.attention_block = 512
+  # Layers per iteration of the scan over layers; unrolled (num_layers) is faster for tiny
+  # models on CPU, where the loop's own overhead is a large part of a step (configs/demo.py).
+  c.model.scan_unroll = 1
   c.model.rope_theta = 0.0  # > 0 overrides the checkpoint's (long traces on Qwen2.5-Math)
   c.model.max_position_embeddings = 0  # > 0 overrides the checkpoint's
   # Architecture of a random init: > 0 replaces the preset's (never with init.* weights).
@@ -170,7 +173,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.demo.data_seed = 0  # problem draws (held-out and training streams)
   c.demo.vocab_size = 512  # SentencePiece vocabulary trained on the traces
   c.demo.max_new_tokens = 352  # generation budget; the longest answer (9999 * 9) is 332 tokens
-  c.demo.eval_batch_size = 64  # prompts per sampler batch
+  c.demo.eval_batch_size = 128  # prompts per sampler batch (the 120 held-out problems: one)
   c.demo.maj_k = 4  # samples per problem for maj@k (0 = skip)
   c.demo.maj_per_family = 20  # held-out problems per family scored by maj@k (the first ones)
   c.demo.maj_temperature = 0.7

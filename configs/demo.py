@@ -16,10 +16,10 @@ problems per family through jaxdistill/evaluate.py. Writes workdir/report.md, su
 and loss.png; running the command again resumes, or reports a finished run.
 
 Measured on this project's 2-core CPU machines (`lscpu`: AMD EPYC; README has the tables):
-default, 3000 steps, held-out greedy accuracy 93.3% (add 100%, mul 100%, lineq 80%),
-untrained 0%; 9.0 minutes end to end on a quiet box (train 498 s at 163-169 ms/step; an
-earlier, faster box: 8.6 minutes at 141 ms/step). 2400 steps
-fall to 81.7%. "long" (12000 steps, 40000 traces): 29 minutes, 100% on every family.
+default, 3000 steps, held-out greedy accuracy 90.8% (add 90%, mul 100%, lineq 82.5%),
+untrained 0%; 7.5 minutes end to end (train 407 s at 114-155 ms/step, evaluations 37 s).
+2700 steps fall to 82.5%. "long" (12000 steps, 40000 traces; measured with the earlier
+rows of 384 x 4): 29 minutes, 100% on every family.
 
 "distill": model to model. The finished default run in demo.teacher_workdir (made first when
 absent) answers 8000 fresh problems once each (eval.temperature 0.6, top-p 0.95); the
@@ -40,19 +40,24 @@ def get_config():
   c.model.compute_dtype = "float32"
   c.mesh.shape = (-1, 1, 1, 1)
   c.data.chat_template = "chatml"
-  c.data.seq_len = 384
-  # Blockwise attention ("auto" on CPU above 256 tokens) in 128-token blocks: three query
-  # blocks a row, the key blocks above the diagonal skipped.
-  c.model.attention_block = 128
-  # 4 rows a step rather than 8: more, smaller steps learned faster here (measured).
-  c.train.global_batch_size = 4
+  # Rows of 576 tokens hold two traces (275 tokens on average, 380 at most): 95% of a row's
+  # slots are real tokens, against 73% for one trace in a 384-token row, so a step of 2 rows
+  # carries the same ~4 traces as 4 rows of 384 in three quarters of the tokens.
+  c.data.seq_len = 576
+  # Blockwise attention ("auto" on CPU above 256 tokens) in 64-token blocks: the key blocks
+  # above the diagonal and those of the other trace in the row are skipped.
+  c.model.attention_block = 64
+  # The 4 layers unrolled rather than looped: 10-16% faster steps at this size (measured).
+  c.model.scan_unroll = 4
+  # ~4 traces a step rather than 8: more, smaller steps learned faster here (measured).
+  c.train.global_batch_size = 2
   c.train.lr = 2e-3
   c.train.warmup_ratio = 0.05
   c.train.weight_decay = 0.0
   c.train.b2 = 0.99
   c.train.log_every = 100
   c.train.checkpoint_every = 500
-  c.train.loss_chunk = 384
+  c.train.loss_chunk = 576
   # The distill preset: one answer per fresh problem, every verified one kept (more problems
   # rather than more answers to the same ones).
   c.traces.num_samples = 1

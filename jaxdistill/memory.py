@@ -107,7 +107,7 @@ def _shape_config(cfg: ModelConfig) -> ModelConfig:
   varies remat and attention per candidate, and the caches below should hold one entry per
   architecture, not one per candidate (each entry costs an `nnx.eval_shape`)."""
   return cfg.replace(remat="none", attention="auto", attention_block=512,
-                     compute_dtype="float32", param_dtype="float32")
+                     scan_unroll=1, compute_dtype="float32", param_dtype="float32")
 
 
 @functools.lru_cache(maxsize=64)

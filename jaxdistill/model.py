@@ -250,7 +250,8 @@ class Transformer(nnx.Module):
 
     if cfg.remat != "none":
       body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)
-    x_BTD, _ = jax.lax.scan(body, x_BTD, layer_state)
+    # `scan_unroll` layers per iteration: a tiny model's step is mostly the loop's own overhead.
+    x_BTD, _ = jax.lax.scan(body, x_BTD, layer_state, unroll=min(cfg.scan_unroll, cfg.num_layers))
     if context > 1:
       x_BTD = shard(attention.from_balanced(x_BTD, context), _BATCH_SEQ + (None,))
     hidden_BTD = self.norm(x_BTD)

@@ -54,6 +54,7 @@ class ModelConfig:
   remat: str = "none"  # per-layer rematerialisation: one of REMAT_POLICIES
   attention: str = "auto"  # one of ATTENTION_IMPLS (attention.py)
   attention_block: int = 512  # query/key block of blockwise attention and the fused kernels
+  scan_unroll: int = 1  # layers per iteration of the scan over layers (model.Transformer)
   bos_token_id: int | None = None
   eos_token_id: int | tuple[int, ...] | None = None  # a tuple keeps the config hashable
 
@@ -76,6 +77,8 @@ class ModelConfig:
     if self.attention_block < 16 or self.attention_block % 16:
       problems.append(f"attention_block={self.attention_block} must be a positive multiple "
                       "of 16")
+    if self.scan_unroll < 1:
+      problems.append(f"scan_unroll={self.scan_unroll} must be at least 1")
     if self.rope_scaling is not None and self.rope_scaling.rope_type not in SUPPORTED_ROPE_TYPES:
       problems.append(f"rope_type={self.rope_scaling.rope_type!r} is not one of "
                       f"{SUPPORTED_ROPE_TYPES}")

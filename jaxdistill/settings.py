@@ -51,6 +51,7 @@ class ModelSettings:
   remat: str
   attention: str
   attention_block: int
+  scan_unroll: int
   rope_theta: float  # 0 = the checkpoint's
   max_position_embeddings: int  # 0 = the checkpoint's
   architecture: tuple[tuple[str, int], ...]  # (ARCHITECTURE_FIELDS name, value) set non-zero
@@ -59,7 +60,7 @@ class ModelSettings:
     """ModelConfig fields to replace on any weight source (numerics, attention, positions)."""
     out = {"param_dtype": self.param_dtype, "compute_dtype": self.compute_dtype,
            "remat": self.remat, "attention": self.attention,
-           "attention_block": self.attention_block}
+           "attention_block": self.attention_block, "scan_unroll": self.scan_unroll}
     if self.rope_theta > 0:
       out["rope_theta"] = float(self.rope_theta)
     if self.max_position_embeddings > 0:
@@ -165,7 +166,8 @@ def parse(c: ml_collections.ConfigDict) -> Settings:
   model = ModelSettings(
       preset=m.preset, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype,
       remat=m.remat, attention=m.attention, attention_block=m.attention_block,
-      rope_theta=float(m.rope_theta), max_position_embeddings=int(m.max_position_embeddings),
+      scan_unroll=int(m.scan_unroll), rope_theta=float(m.rope_theta),
+      max_position_embeddings=int(m.max_position_embeddings),
       architecture=architecture)
   problems += _model_problems(model)
   if architecture and (c.init.checkpoint or c.init.hf_dir):
@@ -266,6 +268,9 @@ def _model_problems(m: ModelSettings) -> list[str]:
   if m.attention_block < 16 or m.attention_block % 16:
     problems.append(f"model.attention_block={m.attention_block} must be a positive multiple "
                     "of 16")
+  if m.scan_unroll < 1:
+    problems.append(f"model.scan_unroll={m.scan_unroll} must be at least 1 (1: one layer per "
+                    "iteration of the scan over layers)")
   if m.preset not in model_config_lib.PRESETS:
     problems.append(f"model.preset={m.preset!r} is not one of {sorted(model_config_lib.PRESETS)}")
   elif m.architecture:

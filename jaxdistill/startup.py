@@ -123,8 +123,8 @@ def find_weight_source(s: settings_lib.Settings, workdir: str) -> tuple[WeightSo
 def load_weights(source: WeightSource, cfg: ModelConfig, mesh, seed: int) -> Transformer:
   """The model `source` names, with config `cfg` (its overrides applied), on `mesh`."""
   overrides = {k: getattr(cfg, k) for k in ("param_dtype", "compute_dtype", "remat",
-                                            "attention", "attention_block", "rope_theta",
-                                            "max_position_embeddings")}
+                                            "attention", "attention_block", "scan_unroll",
+                                            "rope_theta", "max_position_embeddings")}
   if source.kind in ("resume", "checkpoint"):
     return checkpoint.load_model(source.path, mesh, step=source.step, **overrides)
   if source.kind == "hf":
@@ -172,7 +172,8 @@ def teacher_source(s: settings_lib.Settings) -> tuple[WeightSource, ModelConfig]
   d, m = s.distill, s.model
   overrides = {"param_dtype": d.teacher_param_dtype, "compute_dtype": m.compute_dtype,
                "remat": "none",  # never differentiated: nothing to rematerialise
-               "attention": m.attention, "attention_block": m.attention_block}
+               "attention": m.attention, "attention_block": m.attention_block,
+               "scan_unroll": m.scan_unroll}
   if d.teacher_checkpoint:
     cfg, step = checkpoint.load_model_config(d.teacher_checkpoint)
     return WeightSource("checkpoint", d.teacher_checkpoint, step), cfg.replace(**overrides)

@@ -197,6 +197,7 @@ def test_every_config_loads_and_builds_its_state_abstractly(path, tmp_path, monk
     (["mode=serve"], "mode='serve' is not one of"),
     (["mesh.shape=(1, 1, 8, 1)", "data.seq_len=504"], "not divisible by 2 x mesh context (16)"),
     (["model.attention=flash3"], "attention='flash3' is not one of"),
+    (["model.scan_unroll=0"], "model.scan_unroll=0 must be at least 1"),
 ])
 def test_bad_configs_fail_before_compiling_with_what_to_change(overrides, message, tmp_path,
                                                                monkeypatch):

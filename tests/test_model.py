@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 
 from jaxdistill import hf, model as model_lib
 from jaxdistill.kvcache import KVCache
@@ -99,6 +100,35 @@ def test_packed_segments_equal_separate_sequences(kind, request):
   packed2[0, :23] = _tokens((23,), seed=9)
   got2, _ = model(jnp.asarray(packed2), jnp.asarray(positions), jnp.asarray(segments))
   np.testing.assert_array_equal(np.asarray(got2[0, 23:40]), np.asarray(got[0, 23:40]))
+
+
+def test_unrolled_layers_equal_the_scan(tiny_qwen2_dir):
+  """`scan_unroll` changes how the layers loop, never what they compute: the loss and every
+  parameter's gradient equal those of the one-layer-per-iteration scan (3 layers: unrolled by
+  2 leaves a remainder iteration, by 3 none)."""
+  tokens = jnp.asarray(_tokens((2, 40), seed=4))
+
+  def loss_and_grads(model):
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss(p):
+      logits, _ = nnx.merge(graphdef, p)(tokens)
+      logp = jax.nn.log_softmax(logits[:, :-1])
+      return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+    return jax.value_and_grad(loss)(params)
+
+  base = hf.load_hf_model(tiny_qwen2_dir)
+  assert base.config.num_layers == 3 and base.config.scan_unroll == 1
+  want_loss, want_grads = loss_and_grads(base)
+  for unroll in (2, 3):
+    model = hf.load_hf_model(tiny_qwen2_dir, scan_unroll=unroll)
+    scans = [e for e in jax.make_jaxpr(lambda t: model(t)[0])(tokens).eqns
+             if e.primitive.name == "scan"]
+    assert [e.params["unroll"] for e in scans] == [unroll]  # the setting reaches the scan
+    got_loss, got_grads = loss_and_grads(model)
+    np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("unroll", [99, 1])

@@ -48,6 +48,7 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (p
 flags.DEFINE_enum("remat", "none", list(REMAT_POLICIES), "Remat policy.")
 flags.DEFINE_enum("attention", "auto", list(ATTENTION_IMPLS), "Attention implementation.")
 flags.DEFINE_integer("attention_block", 512, "Blockwise attention's query/key block.")
+flags.DEFINE_integer("scan_unroll", 1, "Layers per iteration of the scan over layers.")
 flags.DEFINE_integer("loss_chunk", 1024, "Sequence tokens per loss chunk.")
 flags.DEFINE_integer("steps", 10, "Timed steps (after two warm-up steps).")
 flags.DEFINE_list("mesh", ["1", "-1", "1", "1"], "data,fsdp,context,tp.")
@@ -64,7 +65,8 @@ def _settings():
     _, cfg = startup.find_weight_source(s, tempfile.mkdtemp())
     return cfg, s.train.global_batch_size, s.data.seq_len, s.train.loss_chunk
   overrides = dict(param_dtype="float32", compute_dtype=FLAGS.dtype, remat=FLAGS.remat,
-                   attention=FLAGS.attention, attention_block=FLAGS.attention_block)
+                   attention=FLAGS.attention, attention_block=FLAGS.attention_block,
+                   scan_unroll=FLAGS.scan_unroll)
   if FLAGS.hf_dir:
     cfg = ModelConfig.from_hf_config(FLAGS.hf_dir, **overrides)
   else:
@@ -79,7 +81,8 @@ def main(argv):
   if FLAGS.hf_dir:
     model = hf.load_hf_model(FLAGS.hf_dir, mesh, **{
         f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-        if f.name in ("param_dtype", "compute_dtype", "remat", "attention", "attention_block")})
+        if f.name in ("param_dtype", "compute_dtype", "remat", "attention", "attention_block",
+                      "scan_unroll")})
     hf_path = FLAGS.hf_dir
   else:
     model = model_lib.create_model(cfg, mesh, seed=0)
