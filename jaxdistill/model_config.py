@@ -12,6 +12,10 @@ import jax.numpy as jnp
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "offload_dots")
+# The fields that set how a model computes, never its weights: a run sets them on whatever the
+# weights come from (settings.ModelSettings.overrides, startup, the benchmarks).
+EXECUTION_FIELDS = ("param_dtype", "compute_dtype", "remat", "attention", "attention_block",
+                    "scan_unroll")
 ATTENTION_IMPLS = ("auto", "dense", "blockwise", "pallas_gpu", "splash")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 

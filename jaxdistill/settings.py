@@ -58,9 +58,7 @@ class ModelSettings:
 
   def overrides(self) -> dict:
     """ModelConfig fields to replace on any weight source (numerics, attention, positions)."""
-    out = {"param_dtype": self.param_dtype, "compute_dtype": self.compute_dtype,
-           "remat": self.remat, "attention": self.attention,
-           "attention_block": self.attention_block, "scan_unroll": self.scan_unroll}
+    out = {f: getattr(self, f) for f in model_config_lib.EXECUTION_FIELDS}
     if self.rope_theta > 0:
       out["rope_theta"] = float(self.rope_theta)
     if self.max_position_embeddings > 0:

@@ -26,7 +26,7 @@ from jaxdistill import checkpoint, distill, hf, model as model_lib, settings as 
 from jaxdistill import sharding, storage
 from jaxdistill.data import builder, chat, sources
 from jaxdistill.model import Transformer
-from jaxdistill.model_config import ModelConfig
+from jaxdistill.model_config import EXECUTION_FIELDS, ModelConfig
 
 SOURCE_KINDS = ("resume", "checkpoint", "hf", "random")
 
@@ -122,9 +122,8 @@ def find_weight_source(s: settings_lib.Settings, workdir: str) -> tuple[WeightSo
 
 def load_weights(source: WeightSource, cfg: ModelConfig, mesh, seed: int) -> Transformer:
   """The model `source` names, with config `cfg` (its overrides applied), on `mesh`."""
-  overrides = {k: getattr(cfg, k) for k in ("param_dtype", "compute_dtype", "remat",
-                                            "attention", "attention_block", "scan_unroll",
-                                            "rope_theta", "max_position_embeddings")}
+  overrides = {k: getattr(cfg, k) for k in EXECUTION_FIELDS + (
+      "rope_theta", "max_position_embeddings")}
   if source.kind in ("resume", "checkpoint"):
     return checkpoint.load_model(source.path, mesh, step=source.step, **overrides)
   if source.kind == "hf":
@@ -170,10 +169,9 @@ class Teacher:
 def teacher_source(s: settings_lib.Settings) -> tuple[WeightSource, ModelConfig]:
   """Where the teacher of `s.distill` comes from, and its config (see `Teacher`)."""
   d, m = s.distill, s.model
-  overrides = {"param_dtype": d.teacher_param_dtype, "compute_dtype": m.compute_dtype,
-               "remat": "none",  # never differentiated: nothing to rematerialise
-               "attention": m.attention, "attention_block": m.attention_block,
-               "scan_unroll": m.scan_unroll}
+  overrides = {**{f: getattr(m, f) for f in EXECUTION_FIELDS},
+               "param_dtype": d.teacher_param_dtype,
+               "remat": "none"}  # never differentiated: nothing to rematerialise
   if d.teacher_checkpoint:
     cfg, step = checkpoint.load_model_config(d.teacher_checkpoint)
     return WeightSource("checkpoint", d.teacher_checkpoint, step), cfg.replace(**overrides)

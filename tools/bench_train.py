@@ -15,7 +15,6 @@ tests/real_model.py) instead of random weights of --preset; PyTorch runs eager w
 attention and as many threads as cores.
 """
 
-import dataclasses
 import os
 import sys
 import tempfile
@@ -32,8 +31,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxdistill import hf, metrics, model as model_lib, sharding  # noqa: E402
-from jaxdistill.model_config import (ATTENTION_IMPLS, REMAT_POLICIES, ModelConfig,  # noqa: E402
-                                     get_preset)
+from jaxdistill.model_config import (  # noqa: E402
+    ATTENTION_IMPLS, EXECUTION_FIELDS, REMAT_POLICIES, ModelConfig, get_preset)
 from jaxdistill import settings  # noqa: E402
 import benchlib  # noqa: E402
 
@@ -79,10 +78,8 @@ def main(argv):
   cfg, b, t, chunk = _settings()
   mesh = sharding.make_mesh([int(x) for x in FLAGS.mesh])
   if FLAGS.hf_dir:
-    model = hf.load_hf_model(FLAGS.hf_dir, mesh, **{
-        f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-        if f.name in ("param_dtype", "compute_dtype", "remat", "attention", "attention_block",
-                      "scan_unroll")})
+    model = hf.load_hf_model(FLAGS.hf_dir, mesh,
+                             **{f: getattr(cfg, f) for f in EXECUTION_FIELDS})
     hf_path = FLAGS.hf_dir
   else:
     model = model_lib.create_model(cfg, mesh, seed=0)
