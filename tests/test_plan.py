@@ -122,7 +122,9 @@ def test_eval_estimate_is_within_20_percent_of_the_decode_step():
   lengths = jax.ShapeDtypeStruct((slots,), jnp.int32, sharding=sharding.batch_sharding(mesh, 1))
   prefill, decode = sampler._prefill, sampler._decode  # pylint: disable=protected-access
   with jax.set_mesh(mesh):
-    args = (params, tokens, lengths, lengths, lengths, jnp.asarray(0, jnp.uint32))  # seed
+    # Packed prompts (tokens, positions, segments), each prompt's row and offset, lengths,
+    # prompt ids, first samples, seed.
+    args = (params, tokens, tokens, tokens) + (lengths,) * 5 + (jnp.asarray(0, jnp.uint32),)
     state = jax.eval_shape(lambda *a: prefill(*a, **static), *args)
     layout = prefill.lower(*args, **static).compile().output_shardings
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,

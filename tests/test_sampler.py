@@ -11,7 +11,7 @@ import torch
 
 from jaxdistill import hf, rules
 from jaxdistill.rules import sample_token
-from jaxdistill.sampler import Sampler, SamplingConfig
+from jaxdistill.sampler import Sampler, SamplingConfig, pack_prompts
 from tests import hf_fixtures
 
 GREEDY = SamplingConfig(rules.Greedy(), max_new_tokens=12)
@@ -50,7 +50,8 @@ def test_greedy_equals_transformers_generate(kind, request):
 
 def test_padding_invariance(tiny_qwen2_dir):
   sampler = Sampler.from_model(hf.load_hf_model(tiny_qwen2_dir))
-  prompts = _prompts([5, 40, 13, 2], seed=1)
+  prompts = _prompts([5, 40, 13, 2], seed=1)  # prefilled packed into one row of 64
+  assert len(pack_prompts(prompts, 64)[0]) == 1
   alone = sampler.generate([prompts[2]], GREEDY)[0][0].tokens
   batched = sampler.generate(prompts, GREEDY)
   _assert_varied(batched)
@@ -58,6 +59,27 @@ def test_padding_invariance(tiny_qwen2_dir):
   in_small_batches = sampler.generate(prompts, GREEDY, batch_size=2)
   for a, b in zip(batched, in_small_batches):
     np.testing.assert_array_equal(a[0].tokens, b[0].tokens)
+
+
+def test_prompts_pack_first_fit_decreasing_into_power_of_two_rows():
+  prompts = _prompts([30, 20, 50, 7, 60, 3])
+  tokens, positions, segments, rows, offsets = pack_prompts(prompts, 64)
+  # Longest first, each into the first row with room: 60 + 3 | 50 + 7 | 30 + 20, three rows
+  # rounded up to four.
+  assert tokens.shape == (4, 64) and rows.tolist() == [2, 2, 1, 1, 0, 0]
+  for i, p in enumerate(prompts):
+    span = slice(offsets[i], offsets[i] + len(p))
+    np.testing.assert_array_equal(tokens[rows[i], span], p)
+    np.testing.assert_array_equal(positions[rows[i], span], np.arange(len(p)))
+    assert len(set(segments[rows[i], span].tolist())) == 1
+  # One segment id per prompt of a row, 0 on the rest.
+  assert segments[0].max() == 2 and (segments[0] > 0).sum() == 63
+  assert not tokens[3].any() and not segments[3].any()
+  assert len(pack_prompts(prompts, 64, multiple=8)[0]) == 8
+  assert len(pack_prompts(prompts[:2], 64)[0]) == 1
+  assert len(pack_prompts(prompts, 2048)[0]) == 1
+  with pytest.raises(ValueError, match="prompt 4 has 60 tokens; rows hold 1 to 32"):
+    pack_prompts(prompts, 32)
 
 
 def test_stop_tokens_end_rows_independently(tiny_llama_dir):
