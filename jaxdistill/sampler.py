@@ -67,6 +67,14 @@ from jaxdistill.model import Embed, Transformer
 # Groups of 2 to 20 layers per loop iteration stepped no faster and compiled longer.
 UNROLL = 36
 
+# Answer slots a generation's KV cache starts with; it doubles them whenever the longest row
+# could outgrow them within the next decode chunk, up to max_new_tokens. Every decode step
+# reads all of the cache's slots, filled or not: with a 32k-token budget, a cache of the
+# whole budget from the start reads about twice the slots that this one does, on average over
+# a generation that runs to the budget. Each size compiles the decode step once (six sizes
+# from 1,024 to 32,768 slots), and growing copies the cache once.
+GROW_FROM = 1024
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
@@ -142,7 +150,8 @@ class Sampler:
   def generate(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *,
                num_samples: int = 1, seed: int = 0, batch_size: int | None = None,
                samples_at_once: int = 0, decode_chunk: int = 16, first_prompt: int = 0,
-               timings: dict[str, float] | None = None) -> list[list[Sample]]:
+               grow_from: int = GROW_FROM, timings: dict[str, float] | None = None
+               ) -> list[list[Sample]]:
     """Samples `num_samples` continuations of each prompt, with continuous batching.
 
     Work is cut into groups of `samples_at_once` samples of one prompt (all `num_samples` by
@@ -165,6 +174,8 @@ class Sampler:
       batch_size: groups decoding at once (default: all).
       samples_at_once: samples of one prompt per group (0 = all); must divide num_samples.
       decode_chunk: decode steps between checks for finished groups.
+      grow_from: answer slots the cache starts with (0: all max_new_tokens); it doubles
+        them when the longest row needs more (`GROW_FROM`).
       first_prompt: the index of `prompts[0]` in a longer list sampled in parts: prompt i's
         streams are those of prompt `first_prompt + i`, so the parts equal one call.
       timings: if given, its "prefill" and "decode" entries are increased by the seconds each
@@ -189,7 +200,10 @@ class Sampler:
     dp = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     slots += -slots % dp  # prompts (and so rows) must divide over the data axes
     p = bucket(longest)
-    static = dict(graphdef=self.graphdef, n=n, cache_len=p + cfg.max_new_tokens,
+    if grow_from < 0:
+      raise ValueError(f"grow_from={grow_from} must be 0 (no growth) or positive")
+    answer_slots = min(grow_from or cfg.max_new_tokens, cfg.max_new_tokens)
+    static = dict(graphdef=self.graphdef, n=n, cache_len=p + answer_slots,
                   cache_dtype=jnp.bfloat16 if cfg.cache_dtype == "bfloat16" else jnp.float32,
                   cfg=cfg, cache_shape=(self.num_layers, self.stacks, self.num_kv_heads,
                                         self.head_dim))
@@ -197,6 +211,8 @@ class Sampler:
     results: list[list[Sample | None]] = [[None] * num_samples for _ in prompts]
     waiting = list(range(len(groups)))
     owner = [-1] * slots  # group decoding in each slot
+    # Per slot, the most cache slots its rows can have filled: prompt length plus steps.
+    reach = [0] * slots
     state = None
     with self._mesh_context():
       while waiting or any(o >= 0 for o in owner):
@@ -216,6 +232,7 @@ class Sampler:
             g = waiting.pop(0)
             i, first[r] = groups[g]
             owner[s], ids[r], dest[r] = g, first_prompt + i, s
+            reach[s] = len(prompts[i])
             incoming[r] = prompts[i]
             lengths[r] = len(prompts[i])
           packed = pack_prompts(incoming, p, dp)
@@ -227,7 +244,15 @@ class Sampler:
             jax.block_until_ready(state)
             timings["prefill"] = timings.get("prefill", 0.0) + time.perf_counter() - start
         start = time.perf_counter()
+        need = max(reach[s] for s in range(slots) if owner[s] >= 0) + decode_chunk
+        while p + answer_slots < need and answer_slots < cfg.max_new_tokens:
+          answer_slots = min(2 * answer_slots, cfg.max_new_tokens)
+        if state.cache.length < p + answer_slots:
+          with warnings.catch_warnings():  # the larger cache cannot reuse the donated one
+            warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+            state = _grow(state, length=p + answer_slots)
         state = _decode(self.params, state, steps=decode_chunk, **static)
+        reach = [r + decode_chunk for r in reach]
         done = _to_host(state.done).reshape(slots, n)
         if timings is not None:
           timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - start
@@ -369,6 +394,8 @@ def _prefill(params, tokens_RP, positions_RP, segments_RP, rows_S, offsets_S, le
 def _extend_cache(cache: KVCache, length: int) -> KVCache:
   """`cache` with empty slots (zeros, as KVCache.zeros makes them) appended up to `length`."""
   extra = length - cache.length
+  if not extra:
+    return cache
   pad = lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0)  # noqa: E731
                                     for a in range(x.ndim)])
   return cache.replace(k=tuple(pad(k, 4) for k in cache.k),  # [B, n, K, H, S]
@@ -376,10 +403,18 @@ def _extend_cache(cache: KVCache, length: int) -> KVCache:
                        positions=pad(cache.positions, 1), segment_ids=pad(cache.segment_ids, 1))
 
 
+@functools.partial(jax.jit, static_argnames=("length",), donate_argnums=0)
+def _grow(state: _DecodeState, *, length: int) -> _DecodeState:
+  """The state with its cache extended by empty slots to `length` (`GROW_FROM`)."""
+  return dataclasses.replace(state, cache=_extend_cache(state.cache, length))
+
+
 @functools.partial(jax.jit, static_argnames=("n",), donate_argnums=0)
 def _insert(state: _DecodeState, fresh: _DecodeState, dest_F: jax.Array, *, n: int):
   """Writes the F freshly prefilled prompts' rows into slots `dest_F` (in place: the state is
-  donated); a slot index past the last slot drops its prompt (batch padding)."""
+  donated); a slot index past the last slot drops its prompt (batch padding). Their cache is
+  first extended to the state's, which may have grown since they were prefilled."""
+  fresh = dataclasses.replace(fresh, cache=_extend_cache(fresh.cache, state.cache.length))
   rows = (dest_F[:, None] * n + jnp.arange(n, dtype=jnp.int32)).reshape(-1)
   return jax.tree.map(lambda old, new: old.at[rows].set(new, mode="drop"), state, fresh)
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from jaxdistill import hf, rules
+from jaxdistill import sampler as sampler_lib
 from jaxdistill.rules import sample_token
 from jaxdistill.sampler import Sampler, SamplingConfig, pack_prompts
 from tests import hf_fixtures
@@ -331,9 +332,11 @@ def test_sharded_sampling_equals_unsharded(mesh_shape, tiny_qwen2_dir):
       np.testing.assert_array_equal(x.tokens, y.tokens)
 
 
-def test_refilled_rows_give_the_same_samples_as_a_fresh_batch(tiny_llama_dir):
+def test_refilled_rows_give_the_same_samples_as_a_fresh_batch(tiny_llama_dir, monkeypatch):
+  """Also with a cache that grows (from 2 answer slots, doubled as rows need them, rows then
+  refilled into the grown cache): the same samples as with every slot from the start."""
   sampler = Sampler.from_model(hf.load_hf_model(tiny_llama_dir))
-  prompts = _prompts([3, 12, 7, 20, 5], seed=6)
+  prompts = _prompts([3, 12, 7, 32, 5], seed=6)  # in 32 slots: the longest needs more
   # Sampling among 30 ids, 5 of them stops: samples end after a few steps, at different
   # steps, so prompts finish at different times and rows get refilled.
   cfg = SamplingConfig(rules.rule_from(1.0, top_p=0.95), max_new_tokens=12, vocab_size=30,
@@ -342,12 +345,19 @@ def test_refilled_rows_give_the_same_samples_as_a_fresh_batch(tiny_llama_dir):
   two_slots = sampler.generate(prompts, cfg, num_samples=2, seed=3, batch_size=2,
                                decode_chunk=3)
   one_slot = sampler.generate(prompts, cfg, num_samples=2, seed=3, batch_size=1)
+  sizes = []
+  grow = sampler_lib._grow  # pylint: disable=protected-access
+  monkeypatch.setattr(sampler_lib, "_grow",
+                      lambda state, length: sizes.append(length) or grow(state, length=length))
+  grown = sampler.generate(prompts, cfg, num_samples=2, seed=3, batch_size=2, decode_chunk=3,
+                           grow_from=2)
+  assert sizes and sizes == sorted(set(sizes)) and sizes[-1] <= 32 + 12, sizes
   lengths = set()
-  for a, b, c in zip(all_at_once, two_slots, one_slot):
-    for x, y, z in zip(a, b, c):
-      np.testing.assert_array_equal(x.tokens, y.tokens)
-      np.testing.assert_array_equal(x.tokens, z.tokens)
-      assert x.finish_reason == y.finish_reason == z.finish_reason
+  for a, b, c, d in zip(all_at_once, two_slots, one_slot, grown):
+    for x, y, z, w in zip(a, b, c, d):
+      for other in (y, z, w):
+        np.testing.assert_array_equal(x.tokens, other.tokens)
+        assert x.finish_reason == other.finish_reason
       lengths.add(len(x.tokens))
   assert len(lengths) > 2  # rows really finished at different times
 
@@ -375,6 +385,11 @@ def test_budget_forcing_ends_thinking_at_the_budget(tiny_llama_dir):
   cfg = SamplingConfig(rules.BudgetForcing(rule, end, max_thinking=budget, answer_cue=cue),
                        max_new_tokens=new)
   got = sampler.generate(prompts, cfg, num_samples=2, batch_size=2, samples_at_once=1)
+  # Tokens taken back and rewritten in a cache that grows meanwhile: the same samples.
+  grown = sampler.generate(prompts, cfg, num_samples=2, batch_size=2, samples_at_once=1,
+                           decode_chunk=2, grow_from=1)
+  assert [[s.tokens.tolist() for s in x] for x in grown] == [
+      [s.tokens.tolist() for s in x] for x in got]
   for free_samples, samples in zip(free, got):
     for f, s in zip(free_samples, samples):
       tokens = s.tokens.tolist()

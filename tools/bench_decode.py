@@ -18,6 +18,12 @@ Prefill time is printed too. With --hf_dir both frameworks load that directory (
 SmolLM2-135M from tests/real_model.py) instead of random weights of --preset; transformers
 runs with sdpa attention and as many torch threads as cores.
 
+With --growth, it measures instead what the growing KV cache saves a long generation
+(sampler.GROW_FROM): greedy decoding of --new_tokens tokens per row at each --batch, in chunks
+of 16 steps as evaluation decodes, with the cache holding every answer slot from the start
+(grow_from=0) and growing from GROW_FROM slots; the seconds from an empty compilation cache
+(each size's compile counted), alternating, medians of --repeats, and their ratio.
+
 With --compile_depths, it measures instead what depth costs the decode step: for each depth,
 a model of the preset's width with that many layers (random weights, no transformers twin),
 the seconds the first decode call of a 4-step chunk takes beyond a steady one (tracing,
@@ -59,6 +65,8 @@ flags.DEFINE_bool("vs_hf", True, "Also time transformers generate.")
 flags.DEFINE_list("compile_depths", [], "Layer counts (e.g. 8,80): time the decode compile "
                   "and step of the preset's width at each depth instead (module docstring).")
 flags.DEFINE_integer("unroll", sampler_lib.UNROLL, "Sampler.from_model's unroll.")
+flags.DEFINE_bool("growth", False, "Time a long generation with the cache growing against a "
+                  "cache of every answer slot from the start.")
 
 
 
@@ -91,9 +99,39 @@ def _compile_and_step(cfg, layers: int) -> tuple[float, float, int]:
   return compile_s, steady / FLAGS.new_tokens, sampler.stacks
 
 
+def _growth(cfg) -> None:
+  """--growth: a long greedy generation with and without the growing cache."""
+  sampler = Sampler.from_model(model_lib.create_model(cfg, seed=0), unroll=FLAGS.unroll)
+  print(f"model: {FLAGS.preset} ({cfg.num_params() / 1e6:.1f}M params, {FLAGS.dtype}), prompt "
+        f"{FLAGS.prompt_len}, {FLAGS.new_tokens} new tokens, decode chunks of 16; "
+        f"{jax.devices()[0].device_kind} ({benchlib.cpu_name()})")
+  sampling = SamplingConfig(rules.Greedy(), max_new_tokens=FLAGS.new_tokens,
+                            cache_dtype=FLAGS.dtype)
+  for b in [int(x) for x in FLAGS.batch]:
+    prompts = np.random.RandomState(b).randint(3, cfg.vocab_size, (b, FLAGS.prompt_len)).tolist()
+    seconds = {0: [], sampler_lib.GROW_FROM: []}
+    outputs = {}
+    for _ in range(FLAGS.repeats):
+      for grow_from in seconds:
+        jax.clear_caches()
+        start = time.perf_counter()
+        out = sampler.generate(prompts, sampling, grow_from=grow_from)
+        seconds[grow_from].append(time.perf_counter() - start)
+        outputs[grow_from] = [s[0].tokens.tolist() for s in out]
+    if outputs[0] != outputs[sampler_lib.GROW_FROM]:
+      raise RuntimeError("the growing cache generated other tokens")
+    full, grown = (float(np.median(v)) for v in seconds.values())
+    print(f"batch {b}: every slot from the start {full:.1f}s, growing from "
+          f"{sampler_lib.GROW_FROM} slots {grown:.1f}s (compiles included) | "
+          f"ratio {full / grown:.2f}x", flush=True)
+
+
 def main(argv):
   del argv
   cfg = get_preset(FLAGS.preset)
+  if FLAGS.growth:
+    _growth(cfg)
+    return
   if FLAGS.compile_depths:
     depths = [int(x) for x in FLAGS.compile_depths]
     compiles = []
