@@ -72,7 +72,10 @@ UNROLL = 36
 # reads all of the cache's slots, filled or not: with a 32k-token budget, a cache of the
 # whole budget from the start reads about twice the slots that this one does, on average over
 # a generation that runs to the budget. Each size compiles the decode step once (six sizes
-# from 1,024 to 32,768 slots), and growing copies the cache once.
+# from 1,024 to 32,768 slots), and growing copies the cache once, one layer at a time, so that
+# the old and the new cache never both live whole (the memory plan counts the final cache).
+# A sampler that loops over its layers holds the cache of every layer in one array, which
+# could not grow without both copies living: its cache has every answer slot from the start.
 GROW_FROM = 1024
 
 
@@ -202,6 +205,8 @@ class Sampler:
     p = bucket(longest)
     if grow_from < 0:
       raise ValueError(f"grow_from={grow_from} must be 0 (no growth) or positive")
+    if self.stacks < self.num_layers:  # one array for several layers (GROW_FROM)
+      grow_from = 0
     answer_slots = min(grow_from or cfg.max_new_tokens, cfg.max_new_tokens)
     static = dict(graphdef=self.graphdef, n=n, cache_len=p + answer_slots,
                   cache_dtype=jnp.bfloat16 if cfg.cache_dtype == "bfloat16" else jnp.float32,
@@ -248,9 +253,7 @@ class Sampler:
         while p + answer_slots < need and answer_slots < cfg.max_new_tokens:
           answer_slots = min(2 * answer_slots, cfg.max_new_tokens)
         if state.cache.length < p + answer_slots:
-          with warnings.catch_warnings():  # the larger cache cannot reuse the donated one
-            warnings.filterwarnings("ignore", "Some donated buffers were not usable")
-            state = _grow(state, length=p + answer_slots)
+          state = _grow(state, p + answer_slots)
         state = _decode(self.params, state, steps=decode_chunk, **static)
         reach = [r + decode_chunk for r in reach]
         done = _to_host(state.done).reshape(slots, n)
@@ -312,7 +315,7 @@ def pack_prompts(prompts: Sequence[Sequence[int]], width: int, multiple: int = 1
                  ) -> tuple[np.ndarray, ...]:
   """The prompts packed into rows of `width` tokens, longest first, each into the first row
   with room (first-fit decreasing), for one prefill of their tokens rather than of a padded
-  row each (8 MATH-500 prompts of 63-449 tokens: 3 rows of 512 instead of 8).
+  row each (8 MATH-500 prompts of 63-449 tokens: 3 rows of 512, 4 once rounded, not 8).
 
   The row count is rounded up to a power of two (one prefill compile per count) and to a
   `multiple` (the rows divide over the data axes), but is never more than one row per prompt.
@@ -391,22 +394,32 @@ def _prefill(params, tokens_RP, positions_RP, segments_RP, rows_S, offsets_S, le
                       out=jnp.zeros((rows, cfg.max_new_tokens), jnp.int32))
 
 
-def _extend_cache(cache: KVCache, length: int) -> KVCache:
-  """`cache` with empty slots (zeros, as KVCache.zeros makes them) appended up to `length`."""
-  extra = length - cache.length
-  if not extra:
+def _extend_cache(cache: KVCache, length: int, pad=None) -> KVCache:
+  """`cache` with empty slots (zeros, as KVCache.zeros makes them) appended up to `length`,
+  by `pad(array, length=, axis=)` on each array's slot axis (`_pad_slots`)."""
+  if cache.length == length:
     return cache
-  pad = lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0)  # noqa: E731
-                                    for a in range(x.ndim)])
-  return cache.replace(k=tuple(pad(k, 4) for k in cache.k),  # [B, n, K, H, S]
-                       v=tuple(pad(v, 3) for v in cache.v),  # [B, n, K, S, H]
-                       positions=pad(cache.positions, 1), segment_ids=pad(cache.segment_ids, 1))
+  pad = pad or _pad_slots_impl
+  return cache.replace(k=tuple(pad(k, length=length, axis=4) for k in cache.k),  # [B,n,K,H,S]
+                       v=tuple(pad(v, length=length, axis=3) for v in cache.v),  # [B,n,K,S,H]
+                       positions=pad(cache.positions, length=length, axis=1),
+                       segment_ids=pad(cache.segment_ids, length=length, axis=1))
 
 
-@functools.partial(jax.jit, static_argnames=("length",), donate_argnums=0)
-def _grow(state: _DecodeState, *, length: int) -> _DecodeState:
-  """The state with its cache extended by empty slots to `length` (`GROW_FROM`)."""
-  return dataclasses.replace(state, cache=_extend_cache(state.cache, length))
+def _pad_slots_impl(x: jax.Array, *, length: int, axis: int) -> jax.Array:
+  """`x` with zeros appended on `axis` up to `length`."""
+  return jnp.pad(x, [(0, length - x.shape[axis] if a == axis else 0) for a in range(x.ndim)])
+
+
+_pad_slots = jax.jit(_pad_slots_impl, static_argnames=("length", "axis"), donate_argnums=0)
+
+
+def _grow(state: _DecodeState, length: int) -> _DecodeState:
+  """The state with its cache extended by empty slots to `length` (`GROW_FROM`): array by
+  array, each donated, so the old and the new cache coexist by about one layer's arrays."""
+  with warnings.catch_warnings():  # the larger array cannot reuse the donated one
+    warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+    return dataclasses.replace(state, cache=_extend_cache(state.cache, length, _pad_slots))
 
 
 @functools.partial(jax.jit, static_argnames=("n",), donate_argnums=0)

@@ -348,10 +348,17 @@ def test_refilled_rows_give_the_same_samples_as_a_fresh_batch(tiny_llama_dir, mo
   sizes = []
   grow = sampler_lib._grow  # pylint: disable=protected-access
   monkeypatch.setattr(sampler_lib, "_grow",
-                      lambda state, length: sizes.append(length) or grow(state, length=length))
+                      lambda state, length: sizes.append(length) or grow(state, length))
   grown = sampler.generate(prompts, cfg, num_samples=2, seed=3, batch_size=2, decode_chunk=3,
                            grow_from=2)
   assert sizes and sizes == sorted(set(sizes)) and sizes[-1] <= 32 + 12, sizes
+  # A sampler looping over its layers holds them in one cache array: it never grows it.
+  looped = Sampler.from_model(hf.load_hf_model(tiny_llama_dir), unroll=1)
+  assert looped.stacks == 1
+  sizes.clear()
+  looped.generate(prompts, cfg, num_samples=2, seed=3, batch_size=2, decode_chunk=3,
+                  grow_from=2)
+  assert not sizes
   lengths = set()
   for a, b, c, d in zip(all_at_once, two_slots, one_slot, grown):
     for x, y, z, w in zip(a, b, c, d):
