@@ -332,6 +332,15 @@ def test_sharded_sampling_equals_unsharded(mesh_shape, tiny_qwen2_dir):
       np.testing.assert_array_equal(x.tokens, y.tokens)
 
 
+def _record_growth(monkeypatch) -> list[int]:
+  """The cache lengths generate grows to from now on, in order."""
+  sizes = []
+  grow = sampler_lib._grow  # pylint: disable=protected-access
+  monkeypatch.setattr(sampler_lib, "_grow",
+                      lambda state, length: sizes.append(length) or grow(state, length))
+  return sizes
+
+
 def test_refilled_rows_give_the_same_samples_as_a_fresh_batch(tiny_llama_dir, monkeypatch):
   """Also with a cache that grows (from 2 answer slots, doubled as rows need them, rows then
   refilled into the grown cache): the same samples as with every slot from the start."""
@@ -345,10 +354,7 @@ def test_refilled_rows_give_the_same_samples_as_a_fresh_batch(tiny_llama_dir, mo
   two_slots = sampler.generate(prompts, cfg, num_samples=2, seed=3, batch_size=2,
                                decode_chunk=3)
   one_slot = sampler.generate(prompts, cfg, num_samples=2, seed=3, batch_size=1)
-  sizes = []
-  grow = sampler_lib._grow  # pylint: disable=protected-access
-  monkeypatch.setattr(sampler_lib, "_grow",
-                      lambda state, length: sizes.append(length) or grow(state, length))
+  sizes = _record_growth(monkeypatch)
   grown = sampler.generate(prompts, cfg, num_samples=2, seed=3, batch_size=2, decode_chunk=3,
                            grow_from=2)
   assert sizes and sizes == sorted(set(sizes)) and sizes[-1] <= 32 + 12, sizes
@@ -374,7 +380,7 @@ def _spans(tokens, ids):
   return [i for i in range(len(tokens) - n + 1) if tuple(tokens[i:i + n]) == tuple(ids)]
 
 
-def test_budget_forcing_ends_thinking_at_the_budget(tiny_llama_dir):
+def test_budget_forcing_ends_thinking_at_the_budget(tiny_llama_dir, monkeypatch):
   """At thinking budget B every sample's thinking (the tokens before the delimiter) is at most
   B tokens, and the forced delimiter and answer cue appear once, the cue right after it. The
   rows' draws are those of the unforced rule up to where they were forced; where a row's last
@@ -392,8 +398,10 @@ def test_budget_forcing_ends_thinking_at_the_budget(tiny_llama_dir):
                        max_new_tokens=new)
   got = sampler.generate(prompts, cfg, num_samples=2, batch_size=2, samples_at_once=1)
   # Tokens taken back and rewritten in a cache that grows meanwhile: the same samples.
+  sizes = _record_growth(monkeypatch)
   grown = sampler.generate(prompts, cfg, num_samples=2, batch_size=2, samples_at_once=1,
                            decode_chunk=2, grow_from=1)
+  assert len(sizes) > 1, sizes
   assert [[s.tokens.tolist() for s in x] for x in grown] == [
       [s.tokens.tolist() for s in x] for x in got]
   for free_samples, samples in zip(free, got):
