@@ -136,14 +136,14 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(unroll, tiny_llama_dir
   # The model's forward (the [L, ...] stack under a scan) against the sampler's cached path
   # through the same blocks, both ways it runs them: every layer unrolled on its own weights
   # and cache (unroll 99), and a loop over layers stacked [L, ...] in weights and cache.
-  from jaxdistill import sampler  # pylint: disable=g-import-not-at-top
+  from jaxdistill import decode_weights, sampler  # pylint: disable=g-import-not-at-top
   model = hf.load_hf_model(tiny_llama_dir)
   cfg = model.config
   tokens = _tokens((2, 20), seed=4)
   full, _ = model(jnp.asarray(tokens))
-  stacks = sampler.stacks_for(cfg.num_layers, unroll)
+  stacks = decode_weights.stacks_for(cfg.num_layers, unroll)
   assert stacks == (cfg.num_layers if unroll > cfg.num_layers else 1)
-  decoder = sampler._decode_model(model, stacks)  # pylint: disable=protected-access
+  decoder = decode_weights.decode_model(model, stacks)
   cache = KVCache.zeros(cfg.num_layers, 2, 32, cfg.num_kv_heads, cfg.head_dim, stacks=stacks)
   pos = jnp.asarray(np.broadcast_to(np.arange(20), (2, 20)))
   seg = jnp.ones((2, 20), jnp.int32)

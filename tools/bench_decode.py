@@ -30,7 +30,7 @@ the seconds the first decode call of a 4-step chunk takes beyond a steady one (t
 lowering and compiling it; median of --repeats, caches cleared before each) and the steady
 per-step time of --new_tokens steps, at batch 1;
 then the ratio of the last depth's compile to the first's. --unroll sets the sampler's
-(sampler.UNROLL by default).
+(decode_weights.UNROLL by default).
 """
 
 import copy
@@ -47,7 +47,8 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxdistill import model as model_lib, rules, sampler as sampler_lib  # noqa: E402
+from jaxdistill import decode_weights, model as model_lib, rules  # noqa: E402
+from jaxdistill import sampler as sampler_lib  # noqa: E402
 from jaxdistill.model_config import ModelConfig, get_preset  # noqa: E402
 import benchlib  # noqa: E402
 from jaxdistill.sampler import Sampler, SamplingConfig  # noqa: E402
@@ -64,7 +65,7 @@ flags.DEFINE_integer("repeats", 3, "Timed runs per setting (median).")
 flags.DEFINE_bool("vs_hf", True, "Also time transformers generate.")
 flags.DEFINE_list("compile_depths", [], "Layer counts (e.g. 8,80): time the decode compile "
                   "and step of the preset's width at each depth instead (module docstring).")
-flags.DEFINE_integer("unroll", sampler_lib.UNROLL, "Sampler.from_model's unroll.")
+flags.DEFINE_integer("unroll", decode_weights.UNROLL, "Sampler.from_model's unroll.")
 flags.DEFINE_bool("growth", False, "Time a long generation with the cache growing against a "
                   "cache of every answer slot from the start.")
 
