@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   # "auto" (splash on TPU, Pallas on GPU, dense/blockwise on CPU by length) | "dense" |
   # "blockwise" | "pallas_gpu" | "splash"; see jaxdistill/attention.py.
   c.model.attention = "auto"
-  c.model.attention_block = 512
+  c.model.attention_block = 0  # 0: the platform's default (256 on CPU, 512 on accelerators)
   # Layers per iteration of the scan over layers; unrolled (num_layers) is faster for tiny
   # models on CPU, where the loop's own overhead is a large part of a step (configs/demo.py).
   c.model.scan_unroll = 1

@@ -45,6 +45,13 @@ from jaxdistill import sharding
 #   T =   512: dense 31.6 s, blockwise 27.2 s, 19.9 s; T = 256: 13.8 s, 12.6 s, 10.5 s;
 # the demo student (0.9M params, batch 4 x 384): dense 386-396 ms, blockwise 323-358 ms.
 DENSE_MAX_T = 256
+# Query/key block when the config's `attention_block` is 0 (`block_size`). Blockwise on CPU:
+# 256. Train step at SmolLM2-135M shapes (fp32, batch 2 x 1,024; AMD EPYC, alternating): 13.9
+# and 14.4 s against 15.8 and 15.4 s at 512; one layer's attention forward and backward, 94 ms
+# at 256, 99 ms at 128, 152 ms at 512 (a [B, K, G*block, block] float32 score tile is 4.7 MB
+# at 256 and 19 MB at 512, which no cache holds). Accelerators: 512, splash's usual tile and
+# the large blocks XLA's GPU matmuls want; the Pallas GPU kernel caps its block at 128 itself.
+CPU_BLOCK, ACCELERATOR_BLOCK = 256, 512
 _NEG = -1e30  # finite "minus infinity": masked scores, so max/exp never see inf - inf
 
 
@@ -355,6 +362,13 @@ def resolve(impl: str, t: int, platform: str | None = None, context: int = 1) ->
   return "dense" if t <= DENSE_MAX_T else "blockwise"
 
 
+def block_size(block: int, platform: str | None = None) -> int:
+  """The query/key block to run: `block` when set, else the platform's default (0 = auto)."""
+  if block:
+    return block
+  return CPU_BLOCK if (platform or jax.default_backend()) == "cpu" else ACCELERATOR_BLOCK
+
+
 def _head_axis(mesh, heads):
   """The tp axis when it divides `heads`, else None (replicated, as sharding.param_spec)."""
   tp = mesh.shape.get("tp", 1)
@@ -372,6 +386,7 @@ def self_attention(q_BTNH, k_BTKH, v_BTKH, pos_BT, seg_BT, *, impl: str, block: 
   mesh = jax.sharding.get_abstract_mesh()
   context = 1 if mesh.empty else mesh.shape.get("context", 1)
   impl = resolve(impl, q_BTNH.shape[1], context=context)
+  block = block_size(block)
   if impl == "context":
     return context_parallel_attention(q_BTNH, k_BTKH, v_BTKH, pos_BT, seg_BT, block=block)
   if impl == "dense":

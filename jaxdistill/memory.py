@@ -106,7 +106,7 @@ def _shape_config(cfg: ModelConfig) -> ModelConfig:
   """`cfg` with fields that never change a parameter's shape set to fixed values: suggest()
   varies remat and attention per candidate, and the caches below should hold one entry per
   architecture, not one per candidate (each entry costs an `nnx.eval_shape`)."""
-  return cfg.replace(remat="none", attention="auto", attention_block=512,
+  return cfg.replace(remat="none", attention="auto", attention_block=0,
                      scan_unroll=1, compute_dtype="float32", param_dtype="float32")
 
 
@@ -270,10 +270,10 @@ def estimate_train(cfg: ModelConfig, shape: TrainShape, mesh: tuple[int, int, in
   if impl == "dense":
     attn_temps = int(_DENSE_BWD_SCORES * scores * 4) + scores + b * t * t_full
   elif impl == "blockwise":
-    block = min(cfg.attention_block, t_full)
+    block = min(attention.block_size(cfg.attention_block, platform), t_full)
     attn_temps = 4 * b * n * block * block * 4 + btq // c * 4 + 2 * btk // c * 4 + b * n * t * 4
   elif impl == "context":
-    block = min(cfg.attention_block, t_full)
+    block = min(attention.block_size(cfg.attention_block, platform), t_full)
     kv_heads = kvh if cfg.num_kv_heads % tp == 0 else n  # replicated kv heads are repeated
     gathered_kv = 2 * b * t_full * kv_heads * h * c
     attn_temps = (gathered_kv + gathered_kv // c * 4  # K, V of the whole sequence, dK, dV

@@ -57,7 +57,9 @@ class ModelConfig:
   compute_dtype: str = "float32"  # dtype of matmul inputs and activations
   remat: str = "none"  # per-layer rematerialisation: one of REMAT_POLICIES
   attention: str = "auto"  # one of ATTENTION_IMPLS (attention.py)
-  attention_block: int = 512  # query/key block of blockwise attention and the fused kernels
+  # Query/key block of blockwise attention and the fused kernels; 0: the platform's default
+  # (attention.block_size: 256 on CPU, 512 on accelerators).
+  attention_block: int = 0
   scan_unroll: int = 1  # layers per iteration of the scan over layers (model.Transformer)
   bos_token_id: int | None = None
   eos_token_id: int | tuple[int, ...] | None = None  # a tuple keeps the config hashable
@@ -78,9 +80,9 @@ class ModelConfig:
       problems.append(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
     if self.attention not in ATTENTION_IMPLS:
       problems.append(f"attention={self.attention!r} is not one of {ATTENTION_IMPLS}")
-    if self.attention_block < 16 or self.attention_block % 16:
-      problems.append(f"attention_block={self.attention_block} must be a positive multiple "
-                      "of 16")
+    if self.attention_block < 0 or self.attention_block % 16:
+      problems.append(f"attention_block={self.attention_block} must be 0 (the platform's "
+                      "default) or a positive multiple of 16")
     if self.scan_unroll < 1:
       problems.append(f"scan_unroll={self.scan_unroll} must be at least 1")
     if self.rope_scaling is not None and self.rope_scaling.rope_type not in SUPPORTED_ROPE_TYPES:

@@ -263,9 +263,9 @@ def _model_problems(m: ModelSettings) -> list[str]:
   if m.attention not in model_config_lib.ATTENTION_IMPLS:
     problems.append(f"model.attention={m.attention!r} is not one of "
                     f"{model_config_lib.ATTENTION_IMPLS}")
-  if m.attention_block < 16 or m.attention_block % 16:
-    problems.append(f"model.attention_block={m.attention_block} must be a positive multiple "
-                    "of 16")
+  if m.attention_block < 0 or m.attention_block % 16:
+    problems.append(f"model.attention_block={m.attention_block} must be 0 (the platform's "
+                    "default: 256 on CPU, 512 on accelerators) or a positive multiple of 16")
   if m.scan_unroll < 1:
     problems.append(f"model.scan_unroll={m.scan_unroll} must be at least 1 (1: one layer per "
                     "iteration of the scan over layers)")

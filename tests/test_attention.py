@@ -167,6 +167,16 @@ def test_context_parallel_rejects_indivisible_sequence():
     _loss_and_grads(CFG, (1, 1, 8, 1), batch)
 
 
+def test_attention_block_defaults_per_platform_and_an_explicit_block_wins():
+  assert ModelConfig.attention_block == 0 and CFG.attention_block == 0
+  assert attention.block_size(0, "cpu") == 256
+  assert attention.block_size(0, "gpu") == attention.block_size(0, "tpu") == 512
+  assert attention.block_size(128, "cpu") == attention.block_size(128, "tpu") == 128
+  for bad in (-16, 24):
+    with pytest.raises(ValueError, match=f"attention_block={bad} must be 0"):
+      CFG.replace(attention_block=bad)
+
+
 def test_remat_policies_give_the_same_values_and_gradients():
   batch = _batch(32, packed=True)
   want_loss, want = _loss_and_grads(CFG, (1, 1, 1, 1), batch)
@@ -185,10 +195,11 @@ def test_32k_token_packed_row_trains_in_bounded_memory():
   import optax  # pylint: disable=g-import-not-at-top
   from jaxdistill import train  # pylint: disable=g-import-not-at-top
   t = 32768
-  # Attention "auto" is blockwise on CPU at this length; 256-token blocks step in 10.6 s here
-  # against 17 s at 512 and 13 s at 128 (2-core AMD EPYC).
-  cfg = CFG.replace(remat="full", attention_block=256)
+  # Attention "auto" is blockwise on CPU at this length, in the CPU default's 256-token blocks:
+  # they step in 10.6 s here against 17 s at 512 and 13 s at 128 (2-core AMD EPYC).
+  cfg = CFG.replace(remat="full")
   assert attention.resolve(cfg.attention, t) == "blockwise"
+  assert attention.block_size(cfg.attention_block) == 256
   model = model_lib.create_model(cfg, seed=0)
   graphdef, params = nnx.split(model, nnx.Param)
   optimizer = optax.adamw(3e-3)

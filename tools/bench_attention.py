@@ -38,7 +38,8 @@ flags.DEFINE_integer("batch", 1, "Rows.")
 flags.DEFINE_integer("heads", 8, "Query heads N.")
 flags.DEFINE_integer("kv_heads", 4, "Key/value heads K.")
 flags.DEFINE_integer("head_dim", 64, "Head dimension H.")
-flags.DEFINE_integer("block", 512, "Block size of blockwise / fused attention.")
+flags.DEFINE_integer("block", 0, "Block size of blockwise / fused attention; 0: the platform's "
+                     "default (attention.block_size).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "q/k/v dtype.")
 flags.DEFINE_integer("repeats", 3, "Timed repetitions (median reported).")
 flags.DEFINE_float("dense_max_gib", 8.0, "Skip dense where its fp32 scores exceed this.")
@@ -54,14 +55,16 @@ def packed_row(t: int):
 
 
 def make_fn(impl, pos, seg):
+  block = attention.block_size(FLAGS.block)
+
   def fwd(q, k, v):
     if impl == "dense":
       return attention.dense_attention(q, k, v, attention.attention_mask(pos, seg, pos, seg))
     if impl == "blockwise":
-      return attention.blockwise_attention(q, k, v, pos, seg, pos, seg, block=FLAGS.block)
+      return attention.blockwise_attention(q, k, v, pos, seg, pos, seg, block=block)
     fused = {"pallas_gpu": attention.pallas_gpu_attention,
              "splash": attention.splash_attention}[impl]
-    return fused(q, k, v, seg, block=FLAGS.block)
+    return fused(q, k, v, seg, block=block)
 
   def loss(q, k, v):
     return jnp.sum(fwd(q, k, v).astype(jnp.float32))
@@ -74,7 +77,8 @@ def main(argv):
   b, n, kv, h = FLAGS.batch, FLAGS.heads, FLAGS.kv_heads, FLAGS.head_dim
   dtype = jnp.dtype(FLAGS.dtype)
   print(f"{jax.devices()[0].device_kind} ({jax.default_backend()}): batch {b}, heads {n}/{kv}, "
-        f"head_dim {h}, {FLAGS.dtype}, block {FLAGS.block}; forward + backward")
+        f"head_dim {h}, {FLAGS.dtype}, block {attention.block_size(FLAGS.block)}; "
+        "forward + backward")
   print(f"{'T':>6} {'impl':>11} {'ms':>10} {'temp MiB':>10} {'GFLOP/s':>9} {'vs dense':>9}")
   for t in (int(x) for x in FLAGS.seq_lens):
     pos_T, seg_T, lengths = packed_row(t)
