@@ -20,7 +20,6 @@ import multiprocessing
 import os
 import sys
 import tempfile
-import time
 
 from absl import app, flags
 
