@@ -7,9 +7,10 @@
   python tools/bench_train.py --preset=llama3_2_1b --seq=4096 --batch=8 --dtype=bfloat16 \
       --remat=full                                      # on a GPU: MFU against the bf16 peak
 
-Both frameworks run in this process on the same weights and token batch (full rows, every
-target scored), with AdamW and global-norm clipping, their timed steps alternating (a shared
-machine's speed drifts by 10-20% within minutes); the ratio printed is
+Both frameworks run on the same weights and token batch (full rows, every target scored), with
+AdamW and global-norm clipping, PyTorch in a process of its own; rounds of timed steps
+alternate between them (`_TorchPeer`), and each side's figure is the median of its rounds'
+medians. The ratio printed is
 jaxdistill step time / PyTorch step time (below 1 means jaxdistill is faster). With --hf_dir
 both load that directory (its config and weights; e.g. SmolLM2-135M from
 tests/real_model.py) instead of random weights of --preset; PyTorch runs eager with sdpa
@@ -129,10 +130,10 @@ class _TorchPeer:
   """transformers + torch AdamW's train step, in a process of its own.
 
   Rounds of its steps alternate with rounds of ours, since a shared machine's speed drifts by
-  10-20% within minutes. Each framework has a process to itself (in one process, either ran
-  10-20% slower once the other had run), and each round starts with an untimed step: a step
-  right after the other framework's ran up to 30% slower on a 2-core AMD EPYC VM, where memory
-  the other process just freed is slow to touch again. Steady state is what training sees.
+  10-20% within minutes. Each framework has a process to itself: in one process, either ran
+  10-20% slower once the other had run. Each round starts with an untimed step: on a 2-core
+  AMD EPYC VM the first step after the other framework's ran up to 30% slower even across
+  processes (18.6 s, then 14.4-14.7 s), and steady state is what training sees.
   """
 
   def __init__(self, hf_path, autocast, tokens, b, t):
@@ -149,7 +150,8 @@ class _TorchPeer:
     return self._conn.recv()
 
   def close(self):
-    self._conn.send("stop")
+    if self._process.is_alive():  # else its failure is already the error being raised
+      self._conn.send("stop")
     self._process.join()
 
 
