@@ -256,13 +256,14 @@ def blockwise_attention(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, q_seg_BT, k_pos_BS, k_
                         block: int = 512):
   """Flash attention in pure JAX; equals `dense_attention` with `attention_mask`.
 
-  T and S need not be multiples of `block`: they are padded with segment 0 (never attended,
-  output zero) and the padding is cut off again.
+  T and S need not be multiples of `block`: they are split into the fewest blocks of at most
+  `block` (`_even_block`), padded with segment 0 (never attended, output zero), and the
+  padding is cut off again.
   """
   b, t, n, h = q_BTNH.shape
   s, kv = k_BSKH.shape[1], k_BSKH.shape[2]
   g = n // kv
-  bq, bk = min(block, t), min(block, s)
+  bq, bk = _even_block(block, t), _even_block(block, s)
   q_BTNH, q_pos_BT, q_seg_BT = (_pad_seq(x, bq) for x in (q_BTNH, q_pos_BT, q_seg_BT))
   k_BSKH, v_BSKH, k_pos_BS, k_seg_BS = (_pad_seq(x, bk) for x in (k_BSKH, v_BSKH, k_pos_BS,
                                                                    k_seg_BS))
@@ -283,6 +284,16 @@ def blockwise_attention(q_BTNH, k_BSKH, v_BSKH, q_pos_BT, q_seg_BT, k_pos_BS, k_
 
 def _round_up(x: int, multiple: int) -> int:
   return -(-x // multiple) * multiple
+
+
+def _even_block(block: int, n: int) -> int:
+  """The block that covers n tokens in as few blocks of at most `block` as `block` itself
+  needs, each as even as multiples of 16 allow: 288 tokens at 256 become two blocks of 144,
+  not two of 256 (224 of them padding)."""
+  if n <= block:
+    return n
+  count = -(-n // block)
+  return min(block, _round_up(-(-n // count), 16))
 
 
 def _repeat_kv(x_BSKH, n):

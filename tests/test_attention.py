@@ -52,6 +52,7 @@ def assert_equal_on_tokens(fn, ref, q, k, v, seg, atol):
     (200, 32, [[70, 90, 30], [150]]),       # T not a multiple of the block; padding
     (256, 64, [[256], [1, 100, 155]]),      # a full row; a one-token example
     (96, 128, [[40, 56], [96]]),            # one block holds everything
+    (200, 128, [[70, 90, 30], [150]]),      # two even blocks of 112, not two of 128
 ])
 def test_blockwise_equals_dense_with_packing(t, block, lengths):
   q, k, v = qkv(t)
@@ -172,6 +173,8 @@ def test_attention_block_defaults_per_platform_and_an_explicit_block_wins():
   assert attention.block_size(0, "cpu") == 256
   assert attention.block_size(0, "gpu") == attention.block_size(0, "tpu") == 512
   assert attention.block_size(128, "cpu") == attention.block_size(128, "tpu") == 128
+  # Blockwise splits T into the fewest blocks of at most the block, as even as 16s allow.
+  assert [attention._even_block(256, t) for t in (200, 288, 300, 1024)] == [200, 144, 160, 256]
   for bad in (-16, 24):
     with pytest.raises(ValueError, match=f"attention_block={bad} must be 0"):
       CFG.replace(attention_block=bad)
