@@ -29,6 +29,23 @@ OPT_STATE = "opt_state"
 DATA_STATE = "data_state"
 RUN_CONFIG = "run_config"
 
+# Orbax writes an array held whole by R replicas (data-parallel parameters, the optimizer
+# state) replica-parallel: each replica writes 1/R of it, sliced on device first, by one small
+# compiled program per shape. For small arrays that is all cost: the first save of 40
+# replicated [64..103, 96] arrays on 4 CPU devices took 4.6 s against 0.07 s unsliced. Slices
+# under this size are written whole by one replica; large arrays keep the parallel write.
+REPLICA_PARALLEL_MIN_SLICE_BYTES = 1 << 20
+
+
+def _register_array_handler() -> None:
+  default = ocp.type_handlers.get_type_handler(jax.Array)
+  ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+      array_metadata_store=getattr(default, "_array_metadata_store", None),
+      min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_SLICE_BYTES), override=True)
+
+
+_register_array_handler()
+
 
 def checkpoint_root(path: str) -> str:
   """The CheckpointManager root for a workdir, a root, or a step directory."""

@@ -87,6 +87,23 @@ def test_tiny_config_trains_and_loss_falls(uninterrupted):
   assert "resumed from" in again.stderr and "(step 40 of 40)" in again.stderr
 
 
+def test_metric_writer_writes_tensorboard_events_without_importing_torch(tmp_path):
+  """tensorboardX would import PyTorch (2-3 s of every run's start-up) where it is installed,
+  as it is here; the writer keeps it out, and `import torch` works again afterwards."""
+  code = ("import sys\n"
+          "from jaxdistill import metrics\n"
+          "w = metrics.MetricWriter(sys.argv[1])\n"
+          "w.write(3, {'val_loss': 2.5})\n"
+          "w.close()\n"
+          "assert 'torch' not in sys.modules, 'torch was imported'\n"
+          "import torch\n")
+  r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, env=_env(),
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr[-2000:]
+  events = glob.glob(str(tmp_path / "tensorboard" / "events.*"))
+  assert len(events) == 1 and b"val_loss" in open(events[0], "rb").read()
+
+
 @pytest.mark.optimized
 def test_kill_9_then_rerun_equals_uninterrupted(uninterrupted, tmp_path):
   full_dir, _ = uninterrupted

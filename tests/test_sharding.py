@@ -119,6 +119,25 @@ def test_restore_onto_a_different_mesh(tiny_llama_dir, tmp_path):
   assert_trees_close(model_lib.flat_params(restored), model_lib.flat_params(model))
 
 
+def test_saving_small_replicated_parameters_compiles_nothing(tiny_llama_dir, tmp_path):
+  """Parameters replicated over the data axis are written whole by one replica while their
+  slices would be under `checkpoint.REPLICA_PARALLEL_MIN_SLICE_BYTES`: Orbax's default slices
+  each on device first, one compiled program per shape (seconds at a run's first save)."""
+  model = hf.load_hf_model(tiny_llama_dir, sharding.make_mesh((8, 1, 1, 1)))
+  compiles = []
+  def listener(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(duration)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    checkpoint.save_model(str(tmp_path / "ckpt"), model)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert not compiles, f"{len(compiles)} programs compiled while saving"
+  restored = checkpoint.load_model(str(tmp_path / "ckpt"))
+  assert_trees_close(model_lib.flat_params(restored), model_lib.flat_params(model))
+
+
 def test_kv_heads_fewer_than_tp_are_replicated():
   mesh = sharding.make_mesh((1, 1, 1, 8))
   spec = sharding.param_spec("layers/self_attn/k_proj/kernel", (2, 64, 2, 16), mesh)
