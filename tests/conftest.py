@@ -30,6 +30,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# PyTorch (the reference side of the parity tests) on one thread: two workers share 2 cores,
+# and its OpenMP threads spin while the other worker holds a core. transformers' `generate`
+# on the real model took 22.9 s on two threads with the other core busy, 6.7 s on one.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
