@@ -167,6 +167,7 @@ def test_demo_distill(add2_demo, tmp_path):
   c.demo.teacher_workdir = teacher_dir
   c.demo.num_traces = 32
   c.train.num_steps = c.train.checkpoint_every = 30
+  c.demo.maj_per_family = 4  # three roles' maj@2 on 4 problems: enough for the plumbing
   c.demo.student.preset = "demo_student"  # 0.9M parameters: more than the teacher's 140k
   with pytest.raises(ValueError, match="at most half the teacher's 139,968"):
     main_lib.run(c, str(tmp_path / "too_big"))
