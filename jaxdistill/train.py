@@ -329,7 +329,8 @@ def run(model: Transformer | None, model_cfg: ModelConfig, optim_cfg: OptimConfi
     with jax.set_mesh(mesh):
       while step < cfg.num_steps and not _any_process(preemption.requested):
         if profile and step == profile.start:
-          jax.profiler.start_trace(f"{workdir}/profile")
+          # The Perfetto JSON beside the XProf trace: tools/profile_summary.py reads it.
+          jax.profiler.start_trace(f"{workdir}/profile", create_perfetto_trace=True)
         state, step_metrics = train_step(state, pipeline.make_global_batch(next(data), mesh),
                                          frozen)
         step += 1

@@ -51,3 +51,15 @@ def test_smoke_run_gives_every_figure_a_row_the_json_and_a_trace(tmp_path):
   for name in train[0]["trace"]:
     assert (tmp_path / name).stat().st_size > 0
   assert (tmp_path / "train_step.xplane.pb").exists()
+  # The step's HLO beside its trace names the ops of the summary table: its matrix products,
+  # forward and backward, by shape and source.
+  assert "train_step.hlo.txt" in train[0]["trace"]
+  sys.path.insert(0, os.path.join(ROOT, "tools"))
+  import profile_summary  # pylint: disable=g-import-not-at-top
+  rows, _, window = profile_summary.summarize(
+      profile_summary.load_events(str(tmp_path / "train_step.perfetto.json.gz")),
+      profile_summary.parse_hlo((tmp_path / "train_step.hlo.txt").read_text()))
+  dots = [r for r in rows if r.op.source.endswith("dot_general") and r.op.shape]
+  assert window > 0 and dots, rows[:5]
+  assert any(r.op.source.startswith("jit(train_step)/transpose(jvp(") for r in dots)
+  assert any(r.op.source.startswith("jit(train_step)/jvp(") for r in dots)

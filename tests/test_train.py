@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -49,13 +50,14 @@ class SyntheticBatches:
 
 
 def _train(workdir, mesh_shape=(1, 1, 1, 1), steps=4, micro=1, batch=8, ckpt_every=100,
-           devices=None, schedule_steps=None, **train_kw):
+           devices=None, schedule_steps=None, profile_steps=(0, 0), **train_kw):
   devices = devices or jax.devices()[:int(np.prod([s for s in mesh_shape if s > 0]))]
   mesh = sharding.make_mesh(mesh_shape, devices)
   model = model_lib.create_model(CFG, mesh, seed=0)
   cfg = defaults.train_config(global_batch_size=batch, micro_batches=micro, num_steps=steps,
                               seq_len=32, loss_chunk=8, log_every=1,
-                              checkpoint_every=ckpt_every, async_checkpoints=False)
+                              checkpoint_every=ckpt_every, async_checkpoints=False,
+                              profile_steps=profile_steps)
   total = schedule_steps or steps
   optim = defaults.optim_config(lr=1e-2, total_steps=total, warmup_ratio=1 / total,
                                 weight_decay=0.1)
@@ -123,6 +125,17 @@ def test_sharded_training_matches_single_device(mesh_shape, single_device_run, t
   assert len(single) == 4 and single[-1] < single[0]
   np.testing.assert_allclose(sharded, single, rtol=2e-5)
   assert_trees_close(many.params, one.params, atol=2e-5)
+
+
+def test_profile_steps_trace_what_the_summary_tool_reads(tmp_path):
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
+  import profile_summary  # pylint: disable=g-import-not-at-top
+  _train(tmp_path, steps=3, profile_steps=(1, 2))
+  trace = profile_summary.find_trace(str(tmp_path / "profile"))
+  rows, between, window = profile_summary.summarize(profile_summary.load_events(trace))
+  assert window > 0 and rows
+  assert sum(r.wall_s for r in rows) + between == pytest.approx(window, rel=1e-6)
+  assert "between ops" in profile_summary.summary_of(str(tmp_path / "profile"))
 
 
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):

@@ -19,7 +19,9 @@ Figures (one device, mesh 1,1,1,1, random weights):
 
 A profile trace (jax.profiler) of one train step of the first train figure is written to
 DIR/train_step.xplane.pb (TensorBoard's profile plugin or XProf) and
-DIR/train_step.perfetto.json.gz (ui.perfetto.dev); the table to DIR/bench_gpu.txt and every
+DIR/train_step.perfetto.json.gz (ui.perfetto.dev), with the step's optimized HLO as
+DIR/train_step.hlo.txt (`python tools/profile_summary.py DIR/train_step.perfetto.json.gz`
+tabulates where the step's time went); the table to DIR/bench_gpu.txt and every
 figure's numbers to DIR/bench_gpu.json. A figure that fails or runs out of time gets a row
 saying so and the others still run; the exit status is 1 when any figure failed.
 
@@ -41,7 +43,6 @@ What a bare GPU image may lack (grain, ml-collections): see tools/bench_gpu.sh.
 import atexit
 import dataclasses
 import gc
-import glob
 import json
 import os
 import shutil
@@ -185,26 +186,6 @@ def _out_of_memory(e: Exception) -> bool:
   return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
 
 
-def _write_trace(step_fn, state, batch, mesh, out: str) -> list[str]:
-  """One more step under jax.profiler; its trace files copied to the top of `out` (the
-  profiler nests them in plugins/profile/<time>/). Returns their names."""
-  tmp = tempfile.mkdtemp(prefix="bench-gpu-trace-")
-  try:
-    with jax.set_mesh(mesh), jax.profiler.trace(tmp, create_perfetto_trace=True):
-      state, m = step_fn(state, batch)
-      jax.block_until_ready(m)
-    names = []
-    for pattern, name in (("*.xplane.pb", "train_step.xplane.pb"),
-                          ("perfetto_trace.json.gz", "train_step.perfetto.json.gz")):
-      found = glob.glob(os.path.join(tmp, "**", pattern), recursive=True)
-      if found:
-        shutil.copyfile(found[0], os.path.join(out, name))
-        names.append(name)
-    return names
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _timed_steps(cfg, b: int, t: int, chunk: int, mesh, s: dict):
   """(median step seconds, state, last metrics, jitted step, batch) of `cfg` from scratch;
   everything it allocated is released when it raises."""
@@ -247,7 +228,7 @@ def run_train(fig: Figure, s: dict, trace: bool) -> dict:
              setting="bf16 compute, fp32 weights and AdamW state, mesh 1,1,1,1")
   if trace:  # a profiler that cannot start (no CUPTI, say) costs the trace, not the figure
     try:
-      row["trace"] = _write_trace(step_fn, state, batch, mesh, FLAGS.out)
+      row["trace"], state = benchlib.write_step_trace(step_fn, state, batch, mesh, FLAGS.out)
     except Exception as e:  # pylint: disable=broad-except
       traceback.print_exc()
       row["trace"], row["trace_error"] = [], f"{type(e).__name__}: {e}"[:300]

@@ -6,6 +6,8 @@
                                                       # a Hugging Face model's own weights
   python tools/bench_train.py --preset=llama3_2_1b --seq=4096 --batch=8 --dtype=bfloat16 \
       --remat=full                                      # on a GPU: MFU against the bf16 peak
+  python tools/bench_train.py --hf_dir=DIR --batch=2 --seq=1024 --steps=2 --profile_dir=/tmp/p
+                                                      # + where one step's time went, by op
 
 Both frameworks run on the same weights and token batch (full rows, every target scored), with
 AdamW and global-norm clipping, PyTorch in a process of its own; rounds of timed steps
@@ -56,6 +58,9 @@ flags.DEFINE_integer("steps", 10, "Timed steps (after two warm-up steps); with -
 flags.DEFINE_integer("rounds", 2, "With --vs_hf: rounds of --steps steps, ours then PyTorch's.")
 flags.DEFINE_list("mesh", ["1", "-1", "1", "1"], "data,fsdp,context,tp.")
 flags.DEFINE_bool("vs_hf", False, "Also time transformers PyTorch eager + torch AdamW.")
+flags.DEFINE_string("profile_dir", None, "Trace one more step into this directory (trace and "
+                    "HLO, benchlib.write_step_trace) and print where its time went "
+                    "(tools/profile_summary.py).")
 
 
 
@@ -124,6 +129,11 @@ def main(argv):
     print(f"pytorch     {torch_s * 1e3:9.1f} ms/step  {b * t / torch_s:10,.0f} tokens/s  "
           f"{flops / torch_s / 1e9:8.1f} GFLOP/s")
     print(f"step-time ratio jaxdistill / pytorch: {jax_s / torch_s:.2f}x")
+  if FLAGS.profile_dir:
+    import profile_summary  # pylint: disable=g-import-not-at-top
+    names, state = benchlib.write_step_trace(step_fn, state, batch, mesh, FLAGS.profile_dir)
+    print(f"one step traced: {', '.join(names)} in {FLAGS.profile_dir}")
+    print(profile_summary.summary_of(FLAGS.profile_dir, top=20))
 
 
 class _TorchPeer:

@@ -3,7 +3,10 @@ the timed train step (tools/bench_train.py, tools/bench_gpu.py) and the decode r
 the memory-bandwidth bound (tools/bench_decode.py, tools/bench_gpu.py)."""
 
 import dataclasses
+import glob
+import os
 import platform
+import shutil
 import subprocess
 import tempfile
 import time
@@ -87,8 +90,9 @@ def train_setup(model, b: int, t: int, loss_chunk: int, mesh: jax.sharding.Mesh)
   compiles once, as the trainer's does.
 
   Returns:
-    (TrainState, the jitted step (state donated), the global batch on `mesh`, the batch's
-    tokens [b, t + 1] as numpy).
+    (TrainState, the jitted step (state donated; its `lower(state, batch)` lowers it, for the
+    HLO a profile summary reads), the global batch on `mesh`, the batch's tokens [b, t + 1]
+    as numpy).
   """
   # Imported here: the decode benchmarks use this module too and need neither the data
   # pipeline nor the config stack that these bring in.
@@ -106,7 +110,11 @@ def train_setup(model, b: int, t: int, loss_chunk: int, mesh: jax.sharding.Mesh)
   state = layout.fresh(nnx.to_pure_dict(nnx.state(model, nnx.Param)), optimizer)
   jitted = layout.jit(train.make_train_step(nnx.graphdef(model), optimizer,
                                             optimizer_lib.make_schedule(optim), tcfg))
-  step_fn = lambda state, batch: jitted(state, batch, None)  # nothing frozen
+
+  def step_fn(state, batch):
+    return jitted(state, batch, None)  # nothing frozen
+
+  step_fn.lower = lambda state, batch: jitted.lower(state, batch, None)
   local, tokens = train_batch(model.config, b, t)
   with jax.set_mesh(mesh):
     batch = pipeline.make_global_batch(local, mesh)
@@ -128,6 +136,36 @@ def time_train_steps(step_fn, state, batch, mesh: jax.sharding.Mesh, steps: int,
       jax.block_until_ready(m)
       times.append(time.perf_counter() - t0)
   return float(np.median(times)), state, m
+
+
+def write_step_trace(step_fn, state, batch, mesh: jax.sharding.Mesh, out: str,
+                     prefix: str = "train_step") -> tuple[list[str], object]:
+  """One more step of `train_setup`'s `step_fn` under jax.profiler, written to the top of
+  `out` as PREFIX.xplane.pb (TensorBoard's profile plugin, XProf), PREFIX.perfetto.json.gz
+  (ui.perfetto.dev, tools/profile_summary.py) and the step's optimized HLO as PREFIX.hlo.txt
+  (what profile_summary names ops by). Returns (the names written, the state after the
+  step)."""
+  tmp = tempfile.mkdtemp(prefix="jaxdistill-trace-")
+  try:
+    with jax.set_mesh(mesh):
+      hlo = step_fn.lower(state, batch).compile().as_text()
+      with jax.profiler.trace(tmp, create_perfetto_trace=True):
+        state, m = step_fn(state, batch)
+        jax.block_until_ready(m)
+    os.makedirs(out, exist_ok=True)
+    names = []
+    for pattern, name in (("*.xplane.pb", f"{prefix}.xplane.pb"),
+                          ("perfetto_trace.json.gz", f"{prefix}.perfetto.json.gz")):
+      found = glob.glob(os.path.join(tmp, "**", pattern), recursive=True)
+      if found:
+        shutil.copyfile(found[0], os.path.join(out, name))
+        names.append(name)
+    with open(os.path.join(out, f"{prefix}.hlo.txt"), "w", encoding="utf-8") as f:
+      f.write(hlo)
+    names.append(f"{prefix}.hlo.txt")
+    return names, state
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 # -- Decode -----------------------------------------------------------------------------------
