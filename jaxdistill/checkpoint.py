@@ -37,11 +37,25 @@ RUN_CONFIG = "run_config"
 REPLICA_PARALLEL_MIN_SLICE_BYTES = 1 << 20
 
 
+class _WithoutOverrideNotice(logging.Filter):
+  """Drops Orbax's warning that a handler overrides jax.Array's: here that is the intent, and
+  every process that imports this module would print it."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "overriding" not in record.getMessage()
+
+
 def _register_array_handler() -> None:
   default = ocp.type_handlers.get_type_handler(jax.Array)
-  ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
-      array_metadata_store=getattr(default, "_array_metadata_store", None),
-      min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_SLICE_BYTES), override=True)
+  quiet = _WithoutOverrideNotice()
+  absl_logger = logging.getLogger("absl")  # Orbax logs through absl's logger
+  absl_logger.addFilter(quiet)
+  try:
+    ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+        array_metadata_store=getattr(default, "_array_metadata_store", None),
+        min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_SLICE_BYTES), override=True)
+  finally:
+    absl_logger.removeFilter(quiet)
 
 
 _register_array_handler()

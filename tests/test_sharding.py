@@ -1,5 +1,8 @@
 """Sharded equals unsharded on simulated meshes, and parameters are sharded as the table says."""
 
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,6 +120,16 @@ def test_restore_onto_a_different_mesh(tiny_llama_dir, tmp_path):
   restored = checkpoint.load_model(str(tmp_path / "ckpt"), mesh)
   _assert_sharded_as_table(restored, mesh)
   assert_trees_close(model_lib.flat_params(restored), model_lib.flat_params(model))
+
+
+def test_the_array_handler_is_registered_without_a_warning():
+  code = ("import jax, orbax.checkpoint as ocp\n"
+          "from jaxdistill import checkpoint\n"
+          "h = ocp.type_handlers.get_type_handler(jax.Array)\n"
+          "print(h._min_slice_bytes_for_replica_parallel)\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.split()[-1] == str(checkpoint.REPLICA_PARALLEL_MIN_SLICE_BYTES)
+  assert "overriding" not in out.stderr, out.stderr[-2000:]
 
 
 def test_saving_small_replicated_parameters_compiles_nothing(tiny_llama_dir, tmp_path):
