@@ -187,7 +187,10 @@ def summary_of(trace: str, hlo_path: str | None = None, top: int = 25) -> str:
 def main(argv):
   if len(argv) != 2:
     sys.exit("usage: profile_summary.py TRACE [--hlo=FILE] [--top=N]")
-  print(summary_of(argv[1], FLAGS.hlo, FLAGS.top))
+  try:
+    print(summary_of(argv[1], FLAGS.hlo, FLAGS.top))
+  except FileNotFoundError as e:
+    sys.exit(str(e))
 
 
 if __name__ == "__main__":
