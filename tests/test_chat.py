@@ -1,7 +1,11 @@
 """Chat rendering and the assistant-only loss mask on offline Qwen2.5, Llama 3, SentencePiece."""
 
+import json
 import logging
 import pickle
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -77,6 +81,45 @@ def test_hf_tokenizer_matches_transformers_without_implicit_bos(dirs, toks):
   assert tok.vocab_size == len(hf)
   assert tok.eos_id == tok.token_to_id("<|eot_id|>")
   assert tok.chat_template == fx.LLAMA31_CHAT_TEMPLATE
+
+
+@pytest.mark.parametrize("tokenizer_class", [None, "PreTrainedTokenizerFast", "Qwen2Tokenizer"])
+def test_hf_tokenizer_reads_what_transformers_reads(dirs, tmp_path, tokenizer_class):
+  """Every field the wrapper exposes equals what transformers' AutoTokenizer loads, whether
+  the directory is read by `tokenizers` alone (the classes that take tokenizer.json as
+  written) or through transformers (any other class)."""
+  text = "Hello <|eot_id|> <|im_end|> world\n\nCafé π 🙂 \\boxed{42}"
+  for name in ("qwen", "qwen_instruct", "llama31", "llama31_base", "llama_plain"):
+    directory = dirs[name]
+    if tokenizer_class:
+      directory = tmp_path / f"{name}_{tokenizer_class}"
+      shutil.copytree(dirs[name], directory)
+      config_file = directory / "tokenizer_config.json"
+      config = json.loads(config_file.read_text())
+      config["tokenizer_class"] = tokenizer_class
+      config_file.write_text(json.dumps(config))
+    ours = load_tokenizer(directory)
+    verbatim = chat._read_verbatim(str(directory)) is not None  # pylint: disable=protected-access
+    assert verbatim == (tokenizer_class != "Qwen2Tokenizer"), name
+    hf = transformers.AutoTokenizer.from_pretrained(directory)
+    assert ours.encode(text) == hf.encode(text, add_special_tokens=False), name
+    assert ours.vocab_size == len(hf)
+    assert (ours.eos_id, ours.pad_id, ours.bos_id) == (
+        hf.eos_token_id, hf.pad_token_id, hf.bos_token_id), name
+    assert ours.special_tokens == {k: getattr(hf, k) for k in chat._SPECIAL_NAMES  # pylint: disable=protected-access
+                                   if getattr(hf, k) is not None}, name
+    assert ours.chat_template == (hf.chat_template or None), name
+
+
+def test_hf_tokenizer_loads_without_transformers(dirs):
+  """A tokenizer.json taken as written is loaded without importing transformers (nor the
+  PyTorch it imports): seconds of every tool's start."""
+  code = ("import sys; from jaxdistill.data import chat; "
+          f"tok = chat.load_tokenizer({str(dirs['qwen_instruct'])!r}); "
+          "assert tok.chat_template and tok.eos_id is not None; "
+          "print(sorted(m for m in ('transformers', 'torch') if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_hf_tokenizer_special_ids(toks):

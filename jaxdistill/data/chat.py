@@ -121,16 +121,23 @@ class Tokenizer(abc.ABC):
     return f"{type(self).__name__}({self.path!r}, vocab_size={self.vocab_size})"
 
 
+# Tokenizer classes whose tokenizer.json transformers uses as written: such a directory is read
+# with `tokenizers` alone, without importing transformers (and the PyTorch it imports, ~3.5 s
+# of a tool's start). Other classes (e.g. LlamaTokenizerFast, which may rebuild the
+# normaliser) go through transformers.
+_VERBATIM_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+_SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
 class HFTokenizer(Tokenizer):
   """A Hugging Face tokenizer directory, encoded through its Rust backend."""
 
   def __init__(self, directory: str):
-    from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
-    hf = AutoTokenizer.from_pretrained(directory)
-    backend = getattr(hf, "backend_tokenizer", None)
-    if backend is None:
-      raise ValueError(f"{directory} has no fast tokenizer (tokenizer.json) and transformers "
-                       "could not convert it; pass the SentencePiece .model file instead")
+    read = _read_verbatim(directory)
+    if read is None:
+      backend, special, template = _read_with_transformers(directory)
+    else:
+      backend, special, template = read
     # A tokenizer.json saved with truncation or padding on would cut or pad every trace
     # silently; over-length examples are the packer's business.
     backend.no_truncation()
@@ -138,11 +145,10 @@ class HFTokenizer(Tokenizer):
     self._tok = backend
     self.path = directory
     self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
-    self.eos_id, self.pad_id, self.bos_id = hf.eos_token_id, hf.pad_token_id, hf.bos_token_id
-    self.special_tokens = {name: getattr(hf, name) for name in
-                           ("bos_token", "eos_token", "pad_token", "unk_token")
-                           if getattr(hf, name) is not None}
-    template = hf.chat_template
+    self.special_tokens = special
+    self.eos_id, self.pad_id, self.bos_id = (
+        None if special.get(name) is None else backend.token_to_id(special[name])
+        for name in ("eos_token", "pad_token", "bos_token"))
     if isinstance(template, Mapping):  # several named templates; "default" is the chat one
       template = template.get("default")
     self.chat_template = template or None
@@ -158,6 +164,52 @@ class HFTokenizer(Tokenizer):
 
   def id_to_token(self, token_id: int) -> str | None:
     return self._tok.id_to_token(int(token_id))
+
+
+def _read_verbatim(directory: str):
+  """(backend, special tokens, chat template) read from the files of a directory whose
+  tokenizer class takes tokenizer.json as written (`_VERBATIM_CLASSES`), else None."""
+  def read_json(name):
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+      return {}
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  config = read_json("tokenizer_config.json")
+  if (config.get("tokenizer_class") not in _VERBATIM_CLASSES
+      or not os.path.isfile(os.path.join(directory, "tokenizer.json"))):
+    return None
+  from tokenizers import Tokenizer as Backend  # pylint: disable=g-import-not-at-top
+  backend = Backend.from_file(os.path.join(directory, "tokenizer.json"))
+  special = {}
+  for source in (read_json("special_tokens_map.json"), config):  # the config wins
+    for name in _SPECIAL_NAMES:
+      value = source.get(name)
+      if isinstance(value, Mapping):  # a serialised AddedToken
+        value = value.get("content")
+      if value is not None:
+        special[name] = value
+  template = config.get("chat_template") or read_json("chat_template.json").get("chat_template")
+  jinja_file = os.path.join(directory, "chat_template.jinja")
+  if os.path.isfile(jinja_file):  # what transformers saves, and prefers when both exist
+    with open(jinja_file, encoding="utf-8") as f:
+      template = f.read()
+  if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+    template = {t["name"]: t["template"] for t in template}
+  return backend, special, template
+
+
+def _read_with_transformers(directory: str):
+  """(backend, special tokens, chat template) as transformers' AutoTokenizer loads them."""
+  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+  hf = AutoTokenizer.from_pretrained(directory)
+  backend = getattr(hf, "backend_tokenizer", None)
+  if backend is None:
+    raise ValueError(f"{directory} has no fast tokenizer (tokenizer.json) and transformers "
+                     "could not convert it; pass the SentencePiece .model file instead")
+  special = {name: getattr(hf, name) for name in _SPECIAL_NAMES
+             if getattr(hf, name) is not None}
+  return backend, special, hf.chat_template
 
 
 class SentencePieceTokenizer(Tokenizer):
