@@ -87,6 +87,47 @@ def dense_attention_cached(q_BTNH, k_BKHS, v_BKSH, mask_BTS):
   return out_BKMH.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
+def prefixed_attention_cached(q_BTNH, k_PKHS, v_PKSH, prefix_len_P, k_BKHA, v_BKAH, mask_BTA):
+  """`dense_attention_cached` over two caches with one softmax: a prefix shared by B / P
+  consecutive rows (a prompt's samples; its first prefix_len_P slots are visible to every
+  query of those rows) and each row's own slots (keys [B, K, H, A], values [B, K, A, H],
+  visible by `mask_BTA`). The prefix is read once for all of its rows: their queries are
+  stacked as rows of one matrix product per (prefix, kv head), rather than its keys and
+  values copied to every row and read once each.
+  """
+  b, t, n, h = q_BTNH.shape
+  p, kv, s = k_PKHS.shape[0], k_PKHS.shape[1], k_PKHS.shape[3]
+  a, r, g = v_BKAH.shape[2], b // p, n // kv
+  low = jnp.finfo(jnp.float32).min
+  # Shared part, in the layout [P, K, (R, G, T), S]: the R rows of a prefix stacked.
+  q_PKMH = (q_BTNH.reshape(p, r, t, kv, g, h).transpose(0, 3, 1, 4, 2, 5)
+            .reshape(p, kv, r * g * t, h))
+  s_PKMS = jnp.matmul(q_PKMH, k_PKHS, preferred_element_type=jnp.float32) * (h ** -0.5)
+  visible_PS = jnp.arange(s, dtype=jnp.int32) < prefix_len_P[:, None]
+  s_PKMS = jnp.where(visible_PS[:, None, None], s_PKMS, low)
+  # Own part, [B, K, G, T, A] as in dense_attention_cached.
+  q_BKMH = q_BTNH.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, h)
+  s_BKGTA = (jnp.matmul(q_BKMH, k_BKHA, preferred_element_type=jnp.float32)
+             .reshape(b, kv, g, t, a) * (h ** -0.5))
+  s_BKGTA = jnp.where(mask_BTA[:, None, None], s_BKGTA, low)
+  to_rows = lambda x: (x.reshape((p, kv, r, g, t) + x.shape[3:])  # noqa: E731
+                       .transpose((0, 2, 1, 3, 4) + tuple(range(5, x.ndim + 2)))
+                       .reshape((b, kv, g, t) + x.shape[3:]))
+  to_prefix = lambda x: (x.reshape((p, r, kv, g, t) + x.shape[4:])  # noqa: E731
+                         .transpose((0, 2, 1, 3, 4) + tuple(range(5, x.ndim + 1)))
+                         .reshape((p, kv, r * g * t) + x.shape[4:]))
+  m_BKGT = jnp.maximum(to_rows(s_PKMS.max(-1)), s_BKGTA.max(-1))
+  e_PKMS = jnp.exp(s_PKMS - to_prefix(m_BKGT)[..., None])
+  e_BKGTA = jnp.exp(s_BKGTA - m_BKGT[..., None])
+  total_BKGT = to_rows(e_PKMS.sum(-1)) + e_BKGTA.sum(-1)
+  shared_PKMH = jnp.matmul(e_PKMS.astype(v_PKSH.dtype), v_PKSH,
+                           preferred_element_type=jnp.float32)
+  own_BKMH = jnp.matmul(e_BKGTA.reshape(b, kv, g * t, a).astype(v_BKAH.dtype), v_BKAH,
+                        preferred_element_type=jnp.float32)
+  out_BKGTH = (to_rows(shared_PKMH) + own_BKMH.reshape(b, kv, g, t, h)) / total_BKGT[..., None]
+  return out_BKGTH.astype(v_BKAH.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
 # -- Blockwise ---------------------------------------------------------------------------------
 #
 # Layout inside: queries as [nq, B, K, G*bq, H] (block-major, the G heads of a kv head stacked

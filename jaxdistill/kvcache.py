@@ -3,6 +3,8 @@
 Shapes use model.py's legend: L layers, B batch, S cache slots, K kv heads, H head dim.
 A slot whose segment id is 0 is empty and never attended to; each step writes T new entries
 per row at `end_index` and advances it, so the sampler controls where each row continues.
+A `PrefixCache` beside it holds what several rows share (a prompt, for its samples): read
+once per step for all of them, held once in memory.
 
 Keys and values are held in `stacks` separate arrays, stack g holding layers g, g + stacks,
 g + 2 * stacks, ... on an axis of L / stacks after the batch: as many stacks as layers (one
@@ -64,6 +66,22 @@ class KVCache:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class PrefixCache:
+  """Keys and values that several consecutive rows of a KVCache share: prefix row i serves
+  rows i * n to i * n + n - 1 (a prompt's n samples), and its first `lengths[i]` slots are
+  visible to every query of those rows. Written once (by prefill), read by every step, in
+  stacks as KVCache holds them."""
+  k: tuple[jax.Array, ...]  # stacks x [P_rows, L / stacks, K, H, P]
+  v: tuple[jax.Array, ...]  # stacks x [P_rows, L / stacks, K, P, H]
+  lengths: jax.Array  # [P_rows] int32: the visible slots of each prefix row
+
+  @property
+  def length(self) -> int:
+    return self.v[0].shape[3]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class LayerCache:
   """One layer's cache, what `model.Block` reads and returns: the stack holding the layer's
   keys and values, the layer's place in it, and the slots' bookkeeping (shared by every
@@ -78,6 +96,10 @@ class LayerCache:
   positions: jax.Array  # [B, S]
   segment_ids: jax.Array  # [B, S]
   end_index: jax.Array  # [B]
+  # The layer's stacks of a PrefixCache the rows share, if any (PrefixCache.k, .v, .lengths).
+  prefix_k: jax.Array | None = None  # [P_rows, n, K, H, P]
+  prefix_v: jax.Array | None = None  # [P_rows, n, K, P, H]
+  prefix_lengths: jax.Array | None = None  # [P_rows]
 
   def write(self, k_BTKH: jax.Array, v_BTKH: jax.Array, positions_BT: jax.Array,
             segment_ids_BT: jax.Array) -> LayerCache:
@@ -99,6 +121,14 @@ class LayerCache:
   def values(self) -> jax.Array:
     """[B, K, S, H]."""
     return jax.lax.dynamic_index_in_dim(self.v, self.index, axis=1, keepdims=False)
+
+  def prefix_keys(self) -> jax.Array:
+    """[P_rows, K, H, P]: the layer's keys of the shared prefix."""
+    return jax.lax.dynamic_index_in_dim(self.prefix_k, self.index, axis=1, keepdims=False)
+
+  def prefix_values(self) -> jax.Array:
+    """[P_rows, K, P, H]."""
+    return jax.lax.dynamic_index_in_dim(self.prefix_v, self.index, axis=1, keepdims=False)
 
 
 def write_rows(buffer_BS_: jax.Array, new_BT_: jax.Array, index_B: jax.Array,

@@ -352,7 +352,8 @@ def estimate_eval(cfg: ModelConfig, shape: EvalShape, mesh: tuple[int, int, int,
 
   Rows are slots x samples of a prompt, with slots padded to a multiple of data x fsdp (x
   context, which evaluation folds into data) and rows split over them; the cache holds
-  L x [rows, K, P + max_new_tokens, H] keys and values (kv heads over tp when they divide,
+  L x [rows, K, max_new_tokens, H] keys and values of the answers and L x [slots, K, P, H] of
+  the prompts, which a slot's rows share (kv heads over tp when they divide,
   as XLA lays out prefill's output; measured on a (1, 2, 1, 2) mesh). The decode state is
   donated and the cache, one array per layer, is updated in place; XLA's temporaries are
   then about one layer's keys or values (measured on CPU), which dominates a refill's
@@ -374,7 +375,8 @@ def estimate_eval(cfg: ModelConfig, shape: EvalShape, mesh: tuple[int, int, int,
   rows = slots * group // dp
   length = shape.prompt_len + shape.max_new_tokens
   kvh = cfg.num_kv_heads // tp if cfg.num_kv_heads % tp == 0 else cfg.num_kv_heads
-  cache = 2 * cfg.num_layers * rows * length * kvh * cfg.head_dim * _BYTES[shape.cache_dtype]
+  cache = (2 * cfg.num_layers * (rows * shape.max_new_tokens + slots // dp * shape.prompt_len)
+           * kvh * cfg.head_dim * _BYTES[shape.cache_dtype])
   n = max(1, cfg.num_heads // tp)
   # One query per row attends over the whole cache: fp32 scores [rows, N, S] of a layer;
   # logits [rows, V] in fp32 for sampling; a copy of one layer's keys or values, which XLA
@@ -386,7 +388,8 @@ def estimate_eval(cfg: ModelConfig, shape: EvalShape, mesh: tuple[int, int, int,
     decode += cache // cfg.num_layers // _BYTES[shape.cache_dtype] * _BYTES[shape.compute_dtype]
   held = {f"parameters ({cfg.param_dtype})": params, f"KV cache ({shape.cache_dtype})": cache}
   notes = [f"{rows} row(s) ({slots} slots x {group} samples of a prompt over {dp} "
-           f"data-parallel devices) x {length} cache slots"]
+           f"data-parallel devices) x {shape.max_new_tokens} answer slots, and each slot's "
+           f"{shape.prompt_len} prompt slots, which its rows share"]
   return Estimate(held, {"decode step": {"scores, logits, cast cache": decode}}, notes,
                   problems)
 

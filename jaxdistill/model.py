@@ -31,7 +31,8 @@ import numpy as np
 from flax import nnx
 
 from jaxdistill import attention
-from jaxdistill.attention import attention_mask, dense_attention_cached
+from jaxdistill.attention import (attention_mask, dense_attention_cached,
+                                  prefixed_attention_cached)
 from jaxdistill.kvcache import LayerCache
 from jaxdistill.model_config import ModelConfig
 from jaxdistill.sharding import param_shardings, shard
@@ -136,8 +137,8 @@ class Attention(nnx.Module):
   def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache: LayerCache | None = None):
     """Without a cache the sequence attends to itself (`attention.self_attention`, the
     configured implementation); with one, the T tokens' keys and values are written at each
-    row's end index and the queries attend densely to the whole cache. Returns (out_BTD,
-    the updated cache or None)."""
+    row's end index and the queries attend densely to the whole cache, and to the prefix its
+    rows share when it has one. Returns (out_BTD, the updated cache or None)."""
     sin, cos = rope_sin_cos(positions_BT, np.asarray(self.inv_freq, np.float32))
     q_BTNH = shard(apply_rope(self.q_proj(x_BTD), sin, cos), _BATCH_SEQ + ("heads", None))
     k_BTKH = apply_rope(self.k_proj(x_BTD), sin, cos)
@@ -149,8 +150,14 @@ class Attention(nnx.Module):
       cache = cache.write(k_BTKH, v_BTKH, positions_BT, segment_ids_BT)
       mask_BTS = attention_mask(positions_BT, segment_ids_BT, cache.positions,
                                 cache.segment_ids)
-      out_BTNH = dense_attention_cached(q_BTNH, cache.keys().astype(x_BTD.dtype),
-                                        cache.values().astype(x_BTD.dtype), mask_BTS)
+      keys, values = cache.keys().astype(x_BTD.dtype), cache.values().astype(x_BTD.dtype)
+      if cache.prefix_k is None:
+        out_BTNH = dense_attention_cached(q_BTNH, keys, values, mask_BTS)
+      else:
+        out_BTNH = prefixed_attention_cached(
+            q_BTNH, cache.prefix_keys().astype(x_BTD.dtype),
+            cache.prefix_values().astype(x_BTD.dtype), cache.prefix_lengths, keys, values,
+            mask_BTS)
     return self.o_proj(out_BTNH), cache
 
 

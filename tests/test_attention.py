@@ -86,6 +86,49 @@ def test_blockwise_attends_to_a_cache_with_other_positions():
   np.testing.assert_allclose(got, want, atol=2e-6)
 
 
+@pytest.mark.parametrize("t", [1, 3])
+def test_shared_prefix_attention_equals_dense_over_each_rows_copy(t):
+  """Three prompts of 4 samples each: attending to a prompt's keys once for its 4 rows, with
+  one softmax over the prompt and the row's own slots, equals dense attention over each row's
+  own copy of the prompt followed by its slots. Prompts fill 5, 9 and 1 of 12 prefix slots
+  (the rest holds other values, never to be seen); own slots are partly filled, causally."""
+  rng = np.random.default_rng(0)
+  prompts, share, p_slots, a_slots = 3, 4, 12, 9
+  rows = prompts * share
+  lengths = np.array([5, 9, 1], np.int32)
+  q = rng.normal(size=(rows, t, N, H)).astype(np.float32)
+  pk, pv = (rng.normal(size=(prompts, p_slots, K, H)).astype(np.float32) for _ in range(2))
+  ak, av = (rng.normal(size=(rows, a_slots, K, H)).astype(np.float32) for _ in range(2))
+  # Own slots: row r has filled r % 5 + 1 + t of them (its new tokens last), positions after
+  # its prompt; queries are the last t of them.
+  filled = np.arange(rows) % 5 + 1 + t
+  prompt_of = np.repeat(np.arange(prompts), share)
+  a_pos = lengths[prompt_of][:, None] + np.arange(a_slots)[None]
+  a_seg = (np.arange(a_slots)[None] < filled[:, None]).astype(np.int32)
+  q_pos = a_pos[np.arange(rows)[:, None], filled[:, None] - t + np.arange(t)[None]]
+  mask = attention.attention_mask(jnp.asarray(q_pos), jnp.ones((rows, t), jnp.int32),
+                                  jnp.asarray(a_pos), jnp.asarray(a_seg))
+  got = attention.prefixed_attention_cached(
+      jnp.asarray(q), jnp.asarray(pk.transpose(0, 2, 3, 1)), jnp.asarray(pv.transpose(0, 2, 1, 3)),
+      jnp.asarray(lengths), jnp.asarray(ak.transpose(0, 2, 3, 1)),
+      jnp.asarray(av.transpose(0, 2, 1, 3)), mask)
+  # The reference: every row's own copy of its prompt's visible slots, then its own slots.
+  k_all = np.concatenate([pk[prompt_of], ak], axis=1)
+  v_all = np.concatenate([pv[prompt_of], av], axis=1)
+  visible = np.arange(p_slots)[None] < lengths[prompt_of][:, None]
+  mask_all = np.concatenate([np.broadcast_to(visible[:, None], (rows, t, p_slots)),
+                             np.asarray(mask)], axis=-1)
+  want = attention.dense_attention(jnp.asarray(q), jnp.asarray(k_all), jnp.asarray(v_all),
+                                   jnp.asarray(mask_all))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # The hidden prefix slots matter if seen: showing them changes the answer.
+  seen = attention.prefixed_attention_cached(
+      jnp.asarray(q), jnp.asarray(pk.transpose(0, 2, 3, 1)), jnp.asarray(pv.transpose(0, 2, 1, 3)),
+      jnp.full((prompts,), p_slots, jnp.int32), jnp.asarray(ak.transpose(0, 2, 3, 1)),
+      jnp.asarray(av.transpose(0, 2, 1, 3)), mask)
+  assert np.abs(np.asarray(seen) - np.asarray(want)).max() > 1e-2
+
+
 def test_blockwise_bfloat16_close_to_float32_reference():
   q, k, v = qkv(128, dtype=jnp.bfloat16)
   pos, seg = packed_layout([[128], [50, 78]], 128)

@@ -62,12 +62,11 @@ def test_padding_invariance(tiny_qwen2_dir):
     np.testing.assert_array_equal(a[0].tokens, b[0].tokens)
 
 
-def test_prompts_pack_first_fit_decreasing_into_power_of_two_rows():
+def test_prompts_pack_first_fit_decreasing_into_rounded_rows():
   prompts = _prompts([30, 20, 50, 7, 60, 3])
   tokens, positions, segments, rows, offsets = pack_prompts(prompts, 64)
-  # Longest first, each into the first row with room: 60 + 3 | 50 + 7 | 30 + 20, three rows
-  # rounded up to four.
-  assert tokens.shape == (4, 64) and rows.tolist() == [2, 2, 1, 1, 0, 0]
+  # Longest first, each into the first row with room: 60 + 3 | 50 + 7 | 30 + 20, three rows.
+  assert tokens.shape == (3, 64) and rows.tolist() == [2, 2, 1, 1, 0, 0]
   for i, p in enumerate(prompts):
     span = slice(offsets[i], offsets[i] + len(p))
     np.testing.assert_array_equal(tokens[rows[i], span], p)
@@ -75,7 +74,13 @@ def test_prompts_pack_first_fit_decreasing_into_power_of_two_rows():
     assert len(set(segments[rows[i], span].tolist())) == 1
   # One segment id per prompt of a row, 0 on the rest.
   assert segments[0].max() == 2 and (segments[0] > 0).sum() == 63
-  assert not tokens[3].any() and not segments[3].any()
+  # Row counts round up to 1, 2, 3, 4, 6, 8, 12, ... (a compile each): five rows make six, the
+  # last one padding; never more rows than prompts.
+  five = _prompts([40, 40, 40, 40, 40, 10, 10])
+  tokens, _, segments, rows, _ = pack_prompts(five, 64)
+  assert tokens.shape == (6, 64) and sorted(set(rows.tolist())) == [0, 1, 2, 3, 4]
+  assert not tokens[5].any() and not segments[5].any()
+  assert len(pack_prompts(_prompts([40] * 5), 64)[0]) == 5
   assert len(pack_prompts(prompts, 64, multiple=8)[0]) == 8
   assert len(pack_prompts(prompts[:2], 64)[0]) == 1
   assert len(pack_prompts(prompts, 2048)[0]) == 1
