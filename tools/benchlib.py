@@ -48,15 +48,19 @@ def hf_dir_models(hf_dir: str, dtype: str, device: str, **overrides):
 
 
 def cpu_name() -> str:
-  """`lscpu`'s model name (the processor the figures were measured on)."""
+  """`lscpu`'s model name (the processor the figures were measured on), with its CPU family
+  and model numbers: a virtual machine's name may be as generic as "AMD EPYC" for
+  generations whose figures differ (family 25 is Zen 3 and 4, 26 Zen 5)."""
   try:
     out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    for line in out.splitlines():
-      if line.startswith("Model name:"):
-        return line.split(":", 1)[1].strip()
   except (OSError, subprocess.CalledProcessError):
-    pass
-  return platform.processor() or "unknown CPU"
+    return platform.processor() or "unknown CPU"
+  fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+  fields = {k.strip(): v.strip() for k, v in fields.items()}
+  name = fields.get("Model name") or platform.processor() or "unknown CPU"
+  if "CPU family" in fields and "Model" in fields:
+    name += f" (family {fields['CPU family']} model {fields['Model']})"
+  return name
 
 
 def median_time(fn, repeats: int, warmup: int = 1) -> float:
