@@ -66,11 +66,12 @@ from jaxdistill.model import Transformer
 # doubles them whenever the longest row could outgrow them within the next decode chunk, up
 # to max_new_tokens. Every decode step reads all of the cache's slots, filled or not: with a
 # 32k-token budget, a cache of the whole budget from the start reads about twice the slots
-# that this one does, on average over a generation that runs to the budget. Each size compiles the decode step once (six sizes
-# from 1,024 to 32,768 slots), and growing copies the cache once, one layer at a time, so that
-# the old and the new cache never both live whole (the memory plan counts the final cache).
-# A sampler that loops over its layers holds the cache of every layer in one array, which
-# could not grow without both copies living: its cache has every answer slot from the start.
+# that this one does, on average over a generation that runs to the budget. Each size
+# compiles the decode step once (six sizes from 1,024 to 32,768 slots), and growing copies
+# the cache once, one layer at a time, so that the old and the new cache never both live
+# whole (the memory plan counts the final cache). A sampler that loops over its layers holds
+# the cache of every layer in one array, which could not grow without both copies living:
+# its cache has every answer slot from the start.
 GROW_FROM = 1024
 
 

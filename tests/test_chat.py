@@ -106,7 +106,8 @@ def test_hf_tokenizer_reads_what_transformers_reads(dirs, tmp_path, tokenizer_cl
     assert ours.vocab_size == len(hf)
     assert (ours.eos_id, ours.pad_id, ours.bos_id) == (
         hf.eos_token_id, hf.pad_token_id, hf.bos_token_id), name
-    assert ours.special_tokens == {k: getattr(hf, k) for k in chat._SPECIAL_NAMES  # pylint: disable=protected-access
+    names = chat._SPECIAL_NAMES  # pylint: disable=protected-access
+    assert ours.special_tokens == {k: getattr(hf, k) for k in names
                                    if getattr(hf, k) is not None}, name
     assert ours.chat_template == (hf.chat_template or None), name
 
