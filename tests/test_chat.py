@@ -12,6 +12,7 @@ import pytest
 import transformers
 
 from jaxdistill.data import chat
+from jaxdistill.data import tokenizer as tokenizer_lib
 from jaxdistill.data.chat import ChatRenderer, NoScoredTokensError, TemplateError, load_tokenizer
 from jaxdistill.data.formats import FormatError, to_conversations
 from tests import data_fixtures as fx
@@ -99,14 +100,15 @@ def test_hf_tokenizer_reads_what_transformers_reads(dirs, tmp_path, tokenizer_cl
       config["tokenizer_class"] = tokenizer_class
       config_file.write_text(json.dumps(config))
     ours = load_tokenizer(directory)
-    verbatim = chat._read_verbatim(str(directory)) is not None  # pylint: disable=protected-access
+    read = tokenizer_lib._read_verbatim  # pylint: disable=protected-access
+    verbatim = read(str(directory)) is not None
     assert verbatim == (tokenizer_class != "Qwen2Tokenizer"), name
     hf = transformers.AutoTokenizer.from_pretrained(directory)
     assert ours.encode(text) == hf.encode(text, add_special_tokens=False), name
     assert ours.vocab_size == len(hf)
     assert (ours.eos_id, ours.pad_id, ours.bos_id) == (
         hf.eos_token_id, hf.pad_token_id, hf.bos_token_id), name
-    names = chat._SPECIAL_NAMES  # pylint: disable=protected-access
+    names = tokenizer_lib._SPECIAL_NAMES  # pylint: disable=protected-access
     assert ours.special_tokens == {k: getattr(hf, k) for k in names
                                    if getattr(hf, k) is not None}, name
     assert ours.chat_template == (hf.chat_template or None), name
